@@ -1,0 +1,150 @@
+"""Public entry points: ``fwd`` (FlashKDA-compatible, writes into ``out``) and ``kda`` (allocates)."""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+
+from . import checks
+from .jit import get_kernel
+from .jit.params import ParamBlock
+from .jit.spec import V_BLOCKS, KernelSpec
+
+_specs: dict[tuple, KernelSpec] = {}
+_streams: dict[int, object] = {}
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_v_block(units: int, device_index: int) -> int:
+    """Widest V-slice that still gives every SM a CTA: (sequence, head) pairs x slices >= SM count."""
+    sms = _sm_count(device_index)
+    for vb in sorted(V_BLOCKS, reverse=True):
+        if units * (128 // vb) >= sms:
+            return vb
+    return min(V_BLOCKS)
+
+
+def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> KernelSpec:
+    key = (state_in, state_out, varlen, v_block, arch)
+    spec = _specs.get(key)
+    if spec is None:
+        spec = _specs[key] = KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
+                                        arch=arch)
+    return spec
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) != (9, 0):
+        raise RuntimeError(f"flash_kda: cuda:{device_index} has compute capability {major}.{minor}; the kernels "
+                           "use SM90 features and support only compute capability 9.0 (H100/H200/H20/H800)")
+    return "sm_90a"
+
+
+def _stream_handle(device: torch.device):
+    raw = torch.cuda.current_stream(device).cuda_stream
+    handle = _streams.get(raw)
+    if handle is None:
+        from cuda.bindings import driver
+        handle = _streams[raw] = driver.CUstream(raw)
+    return handle
+
+
+def _contiguous(x):
+    return x if x is None or x.is_contiguous() else x.contiguous()
+
+
+def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+        out: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, lower_bound: float | None,
+        initial_state: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, *, check_cu_seqlens: bool | None = None,
+        v_block: int | None = None) -> torch.Tensor:
+    """KDA forward (SPEC section 1), drop-in for upstream FlashKDA's ``flash_kda.fwd``.
+
+    Writes ``out`` [B, T, H, V] (and ``final_state`` [N, H, V, K] when given, which may be the
+    very tensor passed as ``initial_state``) and returns ``out``. ``check_cu_seqlens=True`` (or
+    FLASH_KDA_CHECK_CU_SEQLENS=1) validates the varlen offsets at the cost of a host sync;
+    ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128).
+    """
+    prob = checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                               final_state, cu_seqlens)
+    if cu_seqlens is not None and (check_cu_seqlens or (check_cu_seqlens is None and
+                                                        checks.cu_seqlens_check_enabled())):
+        checks.validate_cu_seqlens(cu_seqlens, prob.total_tokens)
+    units = prob.num_seqs * prob.num_heads
+    if units == 0:
+        return out
+    device = q.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if v_block is None:
+        v_block = choose_v_block(units, index)
+    elif v_block not in V_BLOCKS:
+        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block}")
+    spec = _spec(prob.state_in, prob.state_out, prob.varlen, v_block, device_arch(index))
+    q, k, v, g, beta = (_contiguous(x) for x in (q, k, v, g, beta))
+    A_log, dt_bias = _contiguous(A_log), _contiguous(dt_bias)
+    if initial_state is not None and initial_state is not final_state:
+        initial_state = _contiguous(initial_state)
+
+    if index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
+                    initial_state, final_state, cu_seqlens)
+    else:
+        _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
+                initial_state, final_state, cu_seqlens)
+    return out
+
+
+def _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+            final_state, cu_seqlens) -> None:
+    kernel = get_kernel(spec, index)
+    block = getattr(_local, "block", None)
+    if block is None:
+        block = _local.block = ParamBlock()
+    p = block.params
+    p.q, p.k, p.v, p.g, p.beta, p.out = (q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(),
+                                         out.data_ptr())
+    p.A_log = A_log.data_ptr() if A_log is not None else None
+    p.dt_bias = dt_bias.data_ptr() if dt_bias is not None else None
+    p.initial_state = initial_state.data_ptr() if initial_state is not None else None
+    p.final_state = final_state.data_ptr() if final_state is not None else None
+    if cu_seqlens is not None:
+        p.cu_seqlens = cu_seqlens.data_ptr()
+        p.cu_seqlens_int64 = cu_seqlens.dtype == torch.int64
+    else:
+        p.cu_seqlens = None
+        p.cu_seqlens_int64 = 0
+    p.total_tokens = prob.total_tokens
+    p.seq_len = prob.seq_len
+    p.num_heads = prob.num_heads
+    p.num_seqs = prob.num_seqs
+    p.scale = scale
+    p.lower_bound = lower_bound
+    kernel.launch(prob.num_seqs * prob.num_heads * spec.splits, _stream_handle(device), block.address)
+
+
+def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+        scale: float | None = None, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+        lower_bound: float | None = -5.0, initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False, final_state_dtype: torch.dtype = torch.float32,
+        cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Convenience form in the style of FLA's ``chunk_kda``: allocates and returns (out, final_state or None)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(v)
+    final_state = None
+    if output_final_state:
+        N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+        final_state = torch.empty(N, q.shape[2], v.shape[-1], q.shape[-1], dtype=final_state_dtype,
+                                  device=q.device)
+    fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens,
+        **kwargs)
+    return out, final_state

@@ -1,0 +1,146 @@
+"""Input checks for ``flash_kda.fwd``: every rule of SPEC section 4, before any compile or launch.
+
+Errors name the argument, what was expected and what was received.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+HEAD_DIM = 128
+LOWER_BOUND_RANGE = (-5.0, 0.0)
+_STATE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass
+class Problem:
+    """What the kernel launch needs to know, derived from validated inputs."""
+
+    num_seqs: int
+    seq_len: int
+    total_tokens: int
+    num_heads: int
+    state_in: str
+    state_out: str
+    varlen: bool
+
+
+def _fail(cls, arg: str, expected: str, got) -> None:
+    raise cls(f"flash_kda.fwd: {arg} must be {expected}, got {got}")
+
+
+def _check_tensor(name: str, x, dtype, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, name, "a torch.Tensor", type(x).__name__)
+    if x.device != device:
+        _fail(ValueError, name, f"on {device} (the device of q)", x.device)
+    if x.dtype != dtype:
+        _fail(TypeError, name, f"of dtype {dtype}", x.dtype)
+    if tuple(x.shape) != shape:
+        _fail(ValueError, name, f"of shape {list(shape)}", list(x.shape))
+
+
+def check_lower_bound(lower_bound) -> float:
+    if lower_bound is None:
+        raise NotImplementedError(
+            "flash_kda.fwd: lower_bound=None selects the softplus gate, which this version does not implement "
+            f"yet; pass a bounded-gate lower_bound in [{LOWER_BOUND_RANGE[0]}, {LOWER_BOUND_RANGE[1]}]")
+    lb = float(lower_bound)
+    if not (LOWER_BOUND_RANGE[0] <= lb <= LOWER_BOUND_RANGE[1]):
+        raise ValueError(
+            f"flash_kda.fwd: lower_bound must lie in [{LOWER_BOUND_RANGE[0]}, {LOWER_BOUND_RANGE[1]}], got {lb}: "
+            "the chunked kernel factorises the decay as e^(+G) e^(-G) over 16-token chunks, and |G| <= 16*5 = 80 "
+            "nats is what stays a normal number in fp32/bf16")
+    return lb
+
+
+def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+                 cu_seqlens) -> Problem:
+    if not isinstance(q, torch.Tensor):
+        _fail(TypeError, "q", "a torch.Tensor", type(q).__name__)
+    if q.dim() != 4:
+        _fail(ValueError, "q", "4-D [B, T, H, K]", f"{q.dim()}-D shape {list(q.shape)}")
+    device = q.device
+    B, T, H, K = q.shape
+    if K != HEAD_DIM:
+        _fail(ValueError, "q", f"head dim K = {HEAD_DIM} (the only one implemented)", f"K = {K}")
+    if not isinstance(v, torch.Tensor):
+        _fail(TypeError, "v", "a torch.Tensor", type(v).__name__)
+    if v.dim() != 4 or v.shape[-1] != HEAD_DIM:
+        _fail(ValueError, "v", f"4-D [B, T, H, V] with V = {HEAD_DIM}", list(v.shape))
+    _check_tensor("q", q, torch.bfloat16, (B, T, H, K), device)
+    _check_tensor("k", k, torch.bfloat16, (B, T, H, K), device)
+    _check_tensor("v", v, torch.bfloat16, (B, T, H, HEAD_DIM), device)
+    _check_tensor("g", g, torch.bfloat16, (B, T, H, K), device)
+    _check_tensor("beta", beta, torch.bfloat16, (B, T, H), device)
+    _check_tensor("out", out, torch.bfloat16, (B, T, H, HEAD_DIM), device)
+    if not out.is_contiguous():
+        _fail(ValueError, "out", "contiguous (it is written in place)", f"strides {out.stride()}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        _fail(TypeError, "scale", "a finite float", repr(scale))
+    if A_log is not None:
+        _check_tensor("A_log", A_log, torch.float32, (H,), device)
+    if dt_bias is not None:
+        if not isinstance(dt_bias, torch.Tensor):
+            _fail(TypeError, "dt_bias", "a torch.Tensor or None", type(dt_bias).__name__)
+        expected = (H, K) if dt_bias.dim() == 2 else (H * K,)
+        _check_tensor("dt_bias", dt_bias, torch.float32, expected, device)
+    check_lower_bound(lower_bound)
+
+    varlen = cu_seqlens is not None
+    if varlen:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            _fail(TypeError, "cu_seqlens", "a torch.Tensor or None", type(cu_seqlens).__name__)
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            _fail(TypeError, "cu_seqlens", "int32 or int64", cu_seqlens.dtype)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            _fail(ValueError, "cu_seqlens", "1-D [N + 1] with N >= 0", list(cu_seqlens.shape))
+        if cu_seqlens.device != device:
+            _fail(ValueError, "cu_seqlens", f"on {device} (the device of q)", cu_seqlens.device)
+        if B != 1:
+            _fail(ValueError, "q", "batch size 1 when cu_seqlens is given (varlen packs sequences along T)",
+                  f"B = {B}")
+        N = cu_seqlens.numel() - 1
+    else:
+        N = B
+
+    state_names = []
+    for name, state in (("initial_state", initial_state), ("final_state", final_state)):
+        if state is None:
+            state_names.append("none")
+            continue
+        if not isinstance(state, torch.Tensor):
+            _fail(TypeError, name, "a torch.Tensor or None", type(state).__name__)
+        if state.dtype not in _STATE_NAMES:
+            _fail(TypeError, name, "bfloat16 or float32", state.dtype)
+        _check_tensor(name, state, state.dtype, (N, H, HEAD_DIM, K), device)
+        if not state.is_contiguous():
+            _fail(ValueError, name, "contiguous [N, H, V, K]", f"strides {state.stride()}")
+        state_names.append(_STATE_NAMES[state.dtype])
+    if device.type != "cuda":
+        _fail(ValueError, "q", "a CUDA tensor", f"a tensor on {device}")
+    return Problem(num_seqs=N, seq_len=T, total_tokens=B * T, num_heads=H, state_in=state_names[0],
+                   state_out=state_names[1], varlen=varlen)
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
+    """Opt-in value check (costs a device->host sync): 0 <= cu[0] <= ... <= cu[N] <= total tokens."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu.numel() == 0:
+        return
+    if int(cu[0]) < 0:
+        raise ValueError(f"flash_kda.fwd: cu_seqlens[0] must be >= 0, got {int(cu[0])}")
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        i = int((steps < 0).nonzero()[0])
+        raise ValueError(f"flash_kda.fwd: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu[i])} > "
+                         f"cu_seqlens[{i + 1}] = {int(cu[i + 1])}")
+    if int(cu[-1]) > total_tokens:
+        raise ValueError(f"flash_kda.fwd: cu_seqlens[-1] must be <= T = {total_tokens}, got {int(cu[-1])}")
+
+
+def cu_seqlens_check_enabled() -> bool:
+    return os.environ.get("FLASH_KDA_CHECK_CU_SEQLENS", "0") not in ("", "0")

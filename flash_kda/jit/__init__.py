@@ -1,0 +1,71 @@
+"""The JIT: specialisation -> source -> compiler -> on-disk cache -> loaded kernel -> launch.
+
+``get_kernel`` is the only entry the hot path uses; after the first call per (spec,
+device) it is one dict lookup.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from .cache import CacheMissError, KernelCache, cache_key, default_cache_dir
+from .compiler import CompileError, Compiler, get_compiler
+from .runtime import LoadedKernel, check_compiler_fits_driver
+from .spec import KernelSpec, all_specs
+
+log = logging.getLogger("flash_kda.jit")
+
+__all__ = ["KernelSpec", "all_specs", "build", "get_kernel", "KernelCache", "CompileError", "CacheMissError",
+           "default_cache_dir", "get_compiler"]
+
+_loaded: dict[tuple[KernelSpec, int], LoadedKernel] = {}
+_lock = threading.Lock()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def build(spec: KernelSpec, cache: KernelCache | None = None, compiler: Compiler | None = None,
+          allow_build: bool | None = None) -> tuple[bytes, Path, bool]:
+    """The cubin for ``spec`` from the cache, compiling and publishing it on a miss.
+
+    Returns (cubin, entry path, whether this call compiled it)."""
+    cache = cache or KernelCache()
+    compiler = compiler or get_compiler()
+    identity = compiler.identity(spec)
+    key = cache_key(spec, identity)
+    if allow_build is None:
+        allow_build = not _env_flag("FLASH_KDA_DISABLE_JIT")
+
+    def compile_now() -> bytes:
+        start = time.perf_counter()
+        try:
+            cubin = compiler.compile(spec)
+        except CompileError as exc:
+            exc.entry = str(cache.entry_path(spec, key, cache.write_dir))
+            raise CompileError(spec, compiler.name, exc.log, exc.entry) from None
+        log.info("flash_kda: compiled %s with %s in %.1f s", spec.name, identity, time.perf_counter() - start)
+        return cubin
+
+    return cache.get_or_build(spec, key, compile_now, allow_build=allow_build, identity=identity)
+
+
+def get_kernel(spec: KernelSpec, device_index: int) -> LoadedKernel:
+    """The loaded kernel for ``spec`` on ``cuda:device_index`` (compiled on first use)."""
+    kernel = _loaded.get((spec, device_index))
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _loaded.get((spec, device_index))
+        if kernel is None:
+            compiler = get_compiler()
+            check_compiler_fits_driver(compiler.version(), compiler.name)
+            cubin, path, _ = build(spec, compiler=compiler)
+            kernel = LoadedKernel(spec, cubin, device_index)
+            log.debug("flash_kda: %s ready on cuda:%d from %s", spec.name, device_index, path)
+            _loaded[(spec, device_index)] = kernel
+    return kernel

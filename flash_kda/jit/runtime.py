@@ -1,0 +1,95 @@
+"""Load a cubin into a device's primary context and launch it through the driver API."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+from .spec import KERNEL_NAME, KernelSpec
+
+log = logging.getLogger("flash_kda.jit")
+
+
+class CudaDriverError(RuntimeError):
+    pass
+
+
+def _driver():
+    from cuda.bindings import driver
+    return driver
+
+
+def check(result, what: str):
+    """Unpack a cuda-bindings result tuple, raising with the CUDA error name on failure."""
+    driver = _driver()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        _, text = driver.cuGetErrorString(err)
+        name = name.decode() if isinstance(name, bytes) else name
+        text = text.decode() if isinstance(text, bytes) else text
+        raise CudaDriverError(f"flash_kda: {what} failed with {name}: {text}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+@functools.lru_cache(maxsize=None)
+def driver_version() -> tuple[int, int]:
+    driver = _driver()
+    check(driver.cuInit(0), "cuInit")
+    version = check(driver.cuDriverGetVersion(), "cuDriverGetVersion")
+    return version // 1000, (version % 1000) // 10
+
+
+def check_compiler_fits_driver(compiler_version: tuple[int, int], compiler_name: str) -> None:
+    """A cubin from CUDA major X loads on a driver of major >= X (minor-version compatibility)."""
+    drv = driver_version()
+    if compiler_version[0] > drv[0]:
+        raise RuntimeError(
+            f"flash_kda: the {compiler_name} compiler is CUDA {compiler_version[0]}.{compiler_version[1]} but the "
+            f"driver supports CUDA {drv[0]}.{drv[1]}; its cubins would not load. Install a compiler of CUDA "
+            f"{drv[0]}.x, e.g. pip install 'nvidia-cuda-nvrtc=={drv[0]}.*' 'cuda-bindings=={drv[0]}.*', "
+            f"or upgrade the NVIDIA driver.")
+
+
+class LoadedKernel:
+    """One spec's cubin loaded on one device: the function handle plus its launch shape."""
+
+    def __init__(self, spec: KernelSpec, cubin: bytes, device_index: int):
+        driver = _driver()
+        self.spec = spec
+        self.device_index = device_index
+        check(driver.cuInit(0), "cuInit")
+        device = check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+        self._context = check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        check(driver.cuCtxPushCurrent(self._context), "cuCtxPushCurrent")
+        try:
+            self._module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({spec.name})")
+            self.function = check(driver.cuModuleGetFunction(self._module, KERNEL_NAME.encode()),
+                                  "cuModuleGetFunction")
+            ptr, _ = check(driver.cuModuleGetGlobal(self._module, b"flash_kda_smem_bytes"), "cuModuleGetGlobal")
+            smem = ctypes.c_uint32(0)
+            check(driver.cuMemcpyDtoH(ctypes.addressof(smem), ptr, 4), "cuMemcpyDtoH")
+            self.smem_bytes = int(smem.value)
+            check(driver.cuFuncSetAttribute(
+                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                self.smem_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
+        finally:
+            check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
+        self.threads = spec.threads
+        self._launch = driver.cuLaunchKernel
+        self._success = driver.CUresult.CUDA_SUCCESS
+        log.debug("flash_kda: loaded %s on cuda:%d (%d B shared memory)", spec.name, device_index, self.smem_bytes)
+
+    def launch(self, blocks: int, stream, params_address: int) -> None:
+        (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,
+                              params_address, 0)
+        if err != self._success:
+            driver = _driver()
+            if err == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+                # a thread on which nothing made the device's context current yet
+                check(driver.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+                (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,
+                                      params_address, 0)
+            check((err,), f"cuLaunchKernel({self.spec.name}, blocks={blocks})")
