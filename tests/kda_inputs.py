@@ -1,6 +1,8 @@
 """Random KDA inputs and error metrics shared by the GPU tests, the accuracy table and the benchmark."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -30,3 +32,23 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return float("nan")
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def fla_chunk_kda(q, k, v, g, beta, scale, A_log, dt_bias, lower_bound, initial_state=None,
+                  output_final_state=True, cu_seqlens=None):
+    """FLA's own Triton ``chunk_kda`` (FLA_FLASH_KDA=0 switches its FlashKDA backend off)."""
+    from fla.ops.kda import chunk_kda
+    saved = os.environ.get("FLA_FLASH_KDA")
+    os.environ["FLA_FLASH_KDA"] = "0"
+    try:
+        with torch.inference_mode():
+            return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+                             use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, safe_gate=True,
+                             lower_bound=lower_bound, state_v_first=True, cu_seqlens=cu_seqlens,
+                             A_log=A_log, dt_bias=dt_bias)
+    finally:
+        if saved is None:
+            del os.environ["FLA_FLASH_KDA"]
+        else:
+            os.environ["FLA_FLASH_KDA"] = saved

@@ -32,7 +32,7 @@ def run_case(inp, *, state_in="fp32", state_out="fp32", cu_seqlens=None, lower_b
         final = torch.full((N, H, 128, K), float("nan"), device=q.device, dtype=DTYPES[state_out])
     else:
         final = None
-    out = torch.full_like(inp["v"], float("nan"))
+    out = torch.full(inp["v"].shape, float("nan"), device=q.device, dtype=torch.bfloat16)  # poisoned
     scale = K ** -0.5 if scale is None else scale
     ref_out, ref_state = kda_reference(q, inp["k"], inp["v"], inp["g"], inp["beta"], scale, inp["A_log"],
                                        inp["dt_bias"], lower_bound, initial_state=h0, cu_seqlens=cu_seqlens)

@@ -86,7 +86,11 @@ def include_dirs() -> tuple[str, ...]:
             f"flash_kda: cannot find the {', '.join(missing)} headers. Install the pinned wheels "
             f"(pip install 'flash-kda' pulls nvidia-cutlass, nvidia-cuda-cccl, nvidia-cuda-runtime) or set "
             f"CUDA_HOME / CUTLASS_PATH. Searched nvidia namespace roots {[str(r) for r in roots]} and CUDA_HOME={home}.")
-    return tuple(str(p) for p in (cutlass, cccl, runtime))
+    dirs = [cutlass, cccl]
+    if cccl.name == "cccl":  # some CUTLASS/NVRTC pairs include CCCL as <cccl/cuda/std/...>
+        dirs.append(cccl.parent)
+    dirs.append(runtime)
+    return tuple(dict.fromkeys(str(p) for p in dirs))
 
 
 def template_dir() -> Path:

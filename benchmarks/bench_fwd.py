@@ -1,0 +1,143 @@
+"""flash_kda vs FLA's Triton chunk_kda on the BASELINES cases, timed in the same process.
+
+Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floor/ours), the
+V-slice sweep, the host cost per call and the first-call costs.
+Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N]"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import flash_kda
+from flash_kda.jit.spec import V_BLOCKS
+
+from common import fla_chunk_kda, make_inputs, time_ms
+
+HBM_BYTES_PER_S = 3.0e12  # measured H100 copy bandwidth (BASELINES.md)
+CASES = [  # name, B, T, H, sequence lengths (varlen) or None, target ratio vs FLA
+    ("T8192 H96 fixed", 1, 8192, 96, None, 3.2),
+    ("T8192 H96 varlen [1300,547,2048,963,271,3063]", 1, 8192, 96, [1300, 547, 2048, 963, 271, 3063], 3.1),
+    ("T8192 H96 varlen 1024x8", 1, 8192, 96, [1024] * 8, 3.5),
+    ("T8192 H64 fixed", 1, 8192, 64, None, 2.6),
+    ("T8192 H64 varlen6", 1, 8192, 64, [1300, 547, 2048, 963, 271, 3063], 2.9),
+    ("T8192 H64 varlen 1024x8", 1, 8192, 64, [1024] * 8, 3.5),
+    ("T32768 H32 fixed", 1, 32768, 32, None, 2.3),
+    ("B16 T512 H32", 16, 512, 32, None, 3.5),
+]
+
+
+def floor_ms(B: int, T: int, H: int, N: int) -> float:
+    tokens = B * T * H
+    bytes_ = tokens * 128 * 2 * 5 + tokens * 2 + 2 * N * H * 128 * 128 * 4
+    return bytes_ / HBM_BYTES_PER_S * 1e3
+
+
+def bench_case(B, T, H, lens, with_fla: bool, reps: int):
+    inp = make_inputs(B, T, H, seed=0)
+    inp["A_log"] = torch.rand(H, device="cuda")
+    inp["dt_bias"] = torch.rand(H, 128, device="cuda")
+    cu = None
+    if lens is not None:
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda", dtype=torch.int64)
+    N = len(lens) if lens is not None else B
+    h0 = torch.randn(N, H, 128, 128, device="cuda")
+    final = torch.empty_like(h0)
+    out = torch.empty_like(inp["v"])
+    scale = 128 ** -0.5
+
+    def ours(vb=None):
+        return lambda: flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, out,
+                                     inp["A_log"], inp["dt_bias"], -5.0, initial_state=h0, final_state=final,
+                                     cu_seqlens=cu, v_block=vb)
+
+    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS}
+    default = time_ms(ours(), reps=reps)
+    fla = None
+    if with_fla:
+        fla = time_ms(lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale,
+                                            inp["A_log"], inp["dt_bias"], -5.0, initial_state=h0,
+                                            cu_seqlens=cu), reps=reps)
+    return default, sweep, fla, floor_ms(B, T, H, N)
+
+
+def host_cost_us(calls: int = 2000) -> float:
+    inp = make_inputs(1, 16, 1, seed=1)
+    out = torch.empty_like(inp["v"])
+    args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.088, out, inp["A_log"], inp["dt_bias"], -5.0)
+    for _ in range(50):
+        flash_kda.fwd(*args)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        flash_kda.fwd(*args)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+FIRST_CALL = r"""
+import time, torch
+torch.cuda.init(); torch.empty(1, device="cuda"); torch.cuda.synchronize()
+import sys; sys.path.insert(0, "tests")
+from kda_inputs import make_inputs
+inp = make_inputs(1, 64, 2, seed=2); out = torch.empty_like(inp["v"])
+t0 = time.perf_counter()
+import flash_kda
+flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.088, out, inp["A_log"], inp["dt_bias"], -5.0)
+torch.cuda.synchronize()
+print(f"{(time.perf_counter() - t0) * 1e3:.1f}")
+"""
+
+
+def first_call_ms(cache_dir: str) -> float:
+    env = dict(os.environ, FLASH_KDA_CACHE_DIR=cache_dir)
+    res = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    with_fla = not args.no_fla
+    props = torch.cuda.get_device_properties(0)
+    print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"flash_kda {flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}")
+    rows, sweeps = [], []
+    for name, B, T, H, lens, target in CASES:
+        ours, sweep, fla, floor = bench_case(B, T, H, lens, with_fla, args.reps)
+        rows.append((name, ours, fla, target, floor))
+        sweeps.append((name, sweep))
+        print(f"  {name}: ours {ours:.3f} ms, FLA {fla if fla is None else round(fla, 3)} ms", flush=True)
+
+    print("\n| case | ours ms | FLA ms | FLA/ours | target | pass | floor/ours |")
+    print("|---|---:|---:|---:|---:|:---:|---:|")
+    for name, ours, fla, target, floor in rows:
+        ratio = fla / ours if fla else float("nan")
+        verdict = ("pass" if ratio >= target else "fail") if fla else "—"
+        print(f"| {name} | {ours:.3f} | {fla:.3f} | {ratio:.2f}× | ≥ {target}× | {verdict} | {floor / ours:.2f} |"
+              if fla else f"| {name} | {ours:.3f} | — | — | ≥ {target}× | — | {floor / ours:.2f} |")
+    print("\nV-slice sweep (ours, ms per call, by CTA V width):\n")
+    print("| case | " + " | ".join(f"v_block {vb}" for vb in V_BLOCKS) + " |")
+    print("|---|" + "---:|" * len(V_BLOCKS))
+    for name, sweep in sweeps:
+        print(f"| {name} | " + " | ".join(f"{sweep[vb]:.3f}" for vb in V_BLOCKS) + " |")
+
+    host = host_cost_us()
+    print(f"\nhost cost per fwd call (T16 H1, 2000 calls, wall clock): {host:.1f} µs (target ≤ 15 µs)")
+    with tempfile.TemporaryDirectory() as cold:
+        cold_ms = first_call_ms(cold)
+        warm_ms = first_call_ms(cold)
+    print(f"first call in a fresh process: empty cache (compile) {cold_ms:.0f} ms, warm disk cache (load) "
+          f"{warm_ms:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
