@@ -35,8 +35,10 @@ class Compiler:
     def version(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    toolkit_headers = True  # whether the pip CUDA headers are passed (NVRTC) or the compiler's own are used
+
     def flags(self, spec: KernelSpec) -> list[str]:
-        return [*COMMON_FLAGS, *(f"-I{d}" for d in include_dirs())]
+        return [*COMMON_FLAGS, *(f"-I{d}" for d in include_dirs(self.toolkit_headers))]
 
     def identity(self, spec: KernelSpec) -> str:
         major, minor = self.version()
@@ -89,6 +91,7 @@ class NVCCCompiler(Compiler):
     """Opt-in (FLASH_KDA_COMPILER=nvcc): the CUDA toolkit's nvcc as a subprocess."""
 
     name = "nvcc"
+    toolkit_headers = False
 
     def _nvcc(self) -> str:
         home = os.environ.get("CUDA_HOME")

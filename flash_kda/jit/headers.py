@@ -46,8 +46,11 @@ def _first_with(candidates: list[Path], marker: str) -> Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def include_dirs() -> tuple[str, ...]:
-    """Include directories, in search order: CUTLASS, CCCL, CUDA runtime headers."""
+def include_dirs(toolkit_headers: bool = True) -> tuple[str, ...]:
+    """Include directories, in search order: CUTLASS, CCCL, CUDA runtime headers.
+
+    ``toolkit_headers=False`` (nvcc) leaves the CUDA headers to the compiler's own toolkit, whose
+    version must match it; NVRTC has no toolkit and takes the pip-installed ones."""
     roots = _namespace_roots()
     home = _cuda_home()
 
@@ -87,9 +90,10 @@ def include_dirs() -> tuple[str, ...]:
             f"(pip install 'flash-kda' pulls nvidia-cutlass, nvidia-cuda-cccl, nvidia-cuda-runtime) or set "
             f"CUDA_HOME / CUTLASS_PATH. Searched nvidia namespace roots {[str(r) for r in roots]} and CUDA_HOME={home}.")
     dirs = [cutlass, cccl]
-    if cccl.name == "cccl":  # some CUTLASS/NVRTC pairs include CCCL as <cccl/cuda/std/...>
-        dirs.append(cccl.parent)
-    dirs.append(runtime)
+    if toolkit_headers:
+        if cccl.name == "cccl":  # some CUTLASS/NVRTC pairs include CCCL as <cccl/cuda/std/...>
+            dirs.append(cccl.parent)
+        dirs.append(runtime)
     return tuple(dict.fromkeys(str(p) for p in dirs))
 
 

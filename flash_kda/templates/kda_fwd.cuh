@@ -82,7 +82,7 @@ __device__ __forceinline__ float fast_exp(float x) {  // e^x via ex2.approx
 }
 
 __device__ __forceinline__ float sigmoid(float x) {
-  return 1.0f / (1.0f + fast_exp(-x));
+  return __fdividef(1.0f, 1.0f + fast_exp(-x));  // 0 when e^-x overflows: the right limit
 }
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -209,9 +209,16 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
   const float d = p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c] : 0.0f;
   const float lb = p.lower_bound;
 
+  // beta of the next chunk is loaded one iteration ahead (a plain load; 16 values).
+  auto load_beta = [&](int chunk) {
+    const int r = chunk * kChunk + ptid;
+    return (ptid < kChunk && r < p.seq_len) ? __bfloat162float(p.beta[(bos + r) * p.num_heads + h]) : 0.0f;
+  };
+  float beta_next = 0.0f;
   if (num_chunks > 0) {
     issue_chunk_load(p, sm.raw[0], bos, min(kChunk, p.seq_len), h, v0, ptid);
     cute::cp_async_fence();
+    beta_next = load_beta(0);
   }
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int s = chunk & 1;
@@ -222,6 +229,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
 
     // Everyone finished reading the raw buffer we are about to refill.
     named_sync(kBarProducer, kProducerWarps * 32);
+    const float beta_raw = beta_next;
+    if (chunk + 1 < num_chunks) beta_next = load_beta(chunk + 1);
     if (chunk + 1 < num_chunks) {
       const int next_valid = min(kChunk, p.seq_len - (chunk + 1) * kChunk);
       issue_chunk_load(p, sm.raw[(chunk + 1) & 1], row0 + kChunk, next_valid, h, v0, ptid);
@@ -253,11 +262,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
         sm.inv_norm_k[r] = rsqrtf(sk + 1e-6f);
       }
     }
-    if (ptid < kChunk) {
-      float b = 0.0f;
-      if (ptid < valid) b = sigmoid(__bfloat162float(p.beta[(row0 + ptid) * p.num_heads + h]));
-      sm.beta[ptid] = b;
-    }
+    if (ptid < kChunk) sm.beta[ptid] = ptid < valid ? sigmoid(beta_raw) : 0.0f;
     named_sync(kBarProducer, kProducerWarps * 32);
 
     // The stage we write must have been released by the consumers.
@@ -274,19 +279,20 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       G[r] = acc;
     }
     const float g_last = acc;
+    const float gamma_total = fast_exp(g_last);
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
       const float kh = __bfloat162float(raw.k[r][c]) * sm.inv_norm_k[r];
       const float qh = __bfloat162float(raw.q[r][c]) * sm.inv_norm_q[r] * p.scale;
       const float e = fast_exp(G[r]);
       const float ei = fast_exp(-G[r]);
-      const float er = fast_exp(g_last - G[r]);
+      const float er = gamma_total * ei;  // e^{G_last - G}
       st.kd[r][c] = __float2bfloat16_rn(kh * e);
       st.qd[r][c] = __float2bfloat16_rn(qh * e);
       st.kr[r][c] = __float2bfloat16_rn(kh * er);
       sm.ki[r][c] = __float2bfloat16_rn(kh * ei);
     }
-    st.gamma[c] = fast_exp(g_last);
+    st.gamma[c] = gamma_total;
     named_sync(kBarProducer, kProducerWarps * 32);
 
     const int gq = lane >> 2, tq = lane & 3;  // MMA fragment coordinates
@@ -316,15 +322,16 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
         }
         __syncwarp();
         if (lane < kChunk) {
-          // Forward substitution (fp32): column `lane` of X = (I + L)^-1 diag(beta).
+          // Forward substitution (fp32), right-looking so each step's updates are independent:
+          // column `lane` of X = (I + L)^-1 diag(beta).
           const int col = lane;
           float x[kChunk];
 #pragma unroll
-          for (int i = 0; i < kChunk; ++i) {
-            float v = i == col ? sm.beta[i] : 0.0f;
+          for (int i = 0; i < kChunk; ++i) x[i] = i == col ? sm.beta[i] : 0.0f;
 #pragma unroll
-            for (int j = 0; j < i; ++j) v -= sm.l[i][j] * x[j];
-            x[i] = v;
+          for (int j = 0; j < kChunk; ++j) {
+#pragma unroll
+            for (int i = j + 1; i < kChunk; ++i) x[i] -= sm.l[i][j] * x[j];
           }
 #pragma unroll
           for (int i = 0; i < kChunk; ++i) st.t[i][col] = __float2bfloat16_rn(x[i]);

@@ -1,0 +1,169 @@
+"""The JIT for real on the CPU machine: NVRTC compiles every specialisation for sm_90a; the cache
+locks, publishes atomically, detects damage; precompile and the CLI work without a GPU."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from flash_kda.jit import CacheMissError, CompileError, KernelCache, KernelSpec, all_specs, build, get_compiler
+from flash_kda.jit import cache as cache_mod
+from flash_kda.jit.compiler import NVRTCCompiler
+from flash_kda.jit.spec import KERNEL_NAME
+
+ALL_SPECS = list(all_specs(("sm_90a",)))
+SMALL = KernelSpec(state_in="fp32", state_out="fp32", varlen=True, v_block=64)
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flash_kda_cache")
+
+
+def _is_sm90a_cubin(data: bytes) -> bool:
+    # ELF magic, and the kernel symbol is in the image
+    return data[:4] == b"\x7fELF" and KERNEL_NAME.encode() in data
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=[s.name for s in ALL_SPECS])
+def test_nvrtc_compiles_specialisation(spec, session_cache):
+    cubin, path, compiled = build(spec, cache=KernelCache(session_cache), compiler=NVRTCCompiler())
+    assert compiled and _is_sm90a_cubin(cubin)
+    assert path.is_file() and path.with_suffix(".json").is_file()
+
+
+def test_second_build_is_a_cache_hit(session_cache):
+    cubin, _, compiled = build(SMALL, cache=KernelCache(session_cache), compiler=NVRTCCompiler())
+    assert not compiled and _is_sm90a_cubin(cubin)
+
+
+class CountingCompiler(NVRTCCompiler):
+    def __init__(self):
+        self.calls = 0
+
+    def compile(self, spec):
+        self.calls += 1
+        return b"\x7fELF fake cubin " + spec.name.encode() + b" " + KERNEL_NAME.encode()
+
+
+def test_entry_publish_is_atomic_and_complete(tmp_path):
+    cache = KernelCache(tmp_path)
+    _, path, _ = build(SMALL, cache=cache, compiler=CountingCompiler())
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["size"] == path.stat().st_size and meta["spec"]["v_block"] == 64
+    leftovers = [p.name for p in path.parent.iterdir() if p.suffix not in (".cubin", ".json", ".lock")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_meta"])
+def test_damaged_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    cache, comp = KernelCache(tmp_path), CountingCompiler()
+    _, path, _ = build(SMALL, cache=cache, compiler=comp)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        path.with_suffix(".json").unlink()
+    with caplog.at_level(logging.WARNING, logger="flash_kda.jit"):
+        rebuilt, _, compiled = build(SMALL, cache=cache, compiler=comp)
+    assert compiled and rebuilt == data and comp.calls == 2
+    if damage != "delete_meta":
+        assert "corrupt" in caplog.text
+
+
+def test_concurrent_builders_compile_once(tmp_path):
+    comp = CountingCompiler()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build(SMALL, cache=KernelCache(tmp_path),
+                                                                    compiler=comp)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert comp.calls == 1 and len({r[0] for r in results}) == 1
+
+
+def test_key_covers_template_bytes_spec_and_compiler(monkeypatch):
+    ident = "nvrtc-13.5 -std=c++17"
+    base = cache_mod.cache_key(SMALL, ident)
+    assert cache_mod.cache_key(KernelSpec("fp32", "bf16", True, v_block=64), ident) != base
+    assert cache_mod.cache_key(SMALL, "nvcc-13.0 -std=c++17") != base
+    real = cache_mod.template_sources
+    monkeypatch.setattr(cache_mod, "template_sources",
+                        lambda: {k: v + " " for k, v in real().items()})  # one byte more
+    cache_mod._environment_fingerprint.cache_clear()
+    try:
+        assert cache_mod.cache_key(SMALL, ident) != base
+    finally:
+        monkeypatch.undo()
+        cache_mod._environment_fingerprint.cache_clear()
+
+
+def test_disable_jit_turns_a_miss_into_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_KDA_DISABLE_JIT", "1")
+    with pytest.raises(CacheMissError, match=r"kda_fwd_bounded.*python -m flash_kda precompile --arch sm_90a"):
+        build(SMALL, cache=KernelCache(tmp_path), compiler=CountingCompiler())
+
+
+def test_compile_error_carries_log_and_entry_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(KernelSpec, "source", lambda self: "this is not CUDA;\n")
+    with pytest.raises(CompileError) as info:
+        build(SMALL, cache=KernelCache(tmp_path), compiler=NVRTCCompiler())
+    assert "error" in info.value.log and str(tmp_path) in str(info.value)
+
+
+def test_compiler_newer_than_driver_is_refused(monkeypatch):
+    from flash_kda.jit import runtime
+    monkeypatch.setattr(runtime, "driver_version", lambda: (12, 8))
+    with pytest.raises(RuntimeError, match=r"CUDA 13.5 but the driver supports CUDA 12.8.*nvidia-cuda-nvrtc==12"):
+        runtime.check_compiler_fits_driver((13, 5), "nvrtc")
+    runtime.check_compiler_fits_driver((12, 9), "nvrtc")  # minor-version compatibility: fine
+
+
+def test_compiler_choice(monkeypatch):
+    assert get_compiler().name == "nvrtc"
+    monkeypatch.setenv("FLASH_KDA_COMPILER", "nvcc")
+    assert get_compiler().name == "nvcc"
+    monkeypatch.setenv("FLASH_KDA_COMPILER", "clang")
+    with pytest.raises(ValueError, match="FLASH_KDA_COMPILER"):
+        get_compiler()
+
+
+@pytest.mark.skipif(not any(Path(p, "nvcc").is_file() for p in os.environ.get("PATH", "").split(os.pathsep)),
+                    reason="nvcc not on PATH")
+def test_nvcc_compiles_one_specialisation(tmp_path):
+    cubin, _, compiled = build(SMALL, cache=KernelCache(tmp_path), compiler=get_compiler("nvcc"))
+    assert compiled and _is_sm90a_cubin(cubin)
+
+
+def test_precompile_api_reports_every_entry(session_cache):
+    import flash_kda
+    entries = flash_kda.precompile(archs=("sm_90a",), cache_dir=session_cache)
+    assert len(entries) == len(ALL_SPECS) and not any(e.compiled for e in entries)  # compiled above
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "flash_kda", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+def test_cli_precompile_info_and_clear(session_cache, tmp_path):
+    res = _cli("precompile", "--arch", "sm_90a", "--cache-dir", str(session_cache))
+    assert res.returncode == 0, res.stderr
+    assert f"{len(ALL_SPECS)} entries (0 compiled, {len(ALL_SPECS)} already cached)" in res.stdout
+    res = _cli("info", "--cache-dir", str(session_cache))
+    assert res.returncode == 0 and f"({len(ALL_SPECS)} entries" in res.stdout and "nvidia-cutlass" in res.stdout
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(session_cache, copy)
+    res = _cli("clear-cache", "--cache-dir", str(copy))
+    assert res.returncode == 0 and f"removed {len(ALL_SPECS)} entries" in res.stdout
