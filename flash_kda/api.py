@@ -22,12 +22,12 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_v_block(units: int, device_index: int) -> int:
-    """Widest V-slice that still gives every SM a CTA: (sequence, head) pairs x slices >= SM count."""
+    """V-slice width per CTA. Whole heads (128) while (sequence, head) pairs fill about half the
+    SMs or more (splitting repeats the per-chunk preparation); narrower slices below that."""
     sms = _sm_count(device_index)
-    for vb in sorted(V_BLOCKS, reverse=True):
-        if units * (128 // vb) >= sms:
-            return vb
-    return min(V_BLOCKS)
+    if units * 20 >= sms * 9:
+        return 128
+    return 64 if units * 2 >= sms else 32
 
 
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> KernelSpec:
