@@ -6,11 +6,12 @@
 // never written to memory between chunks.
 //
 // Warp roles (warp specialisation, hand-off through named barriers):
-//   * producer warps (4): load the raw chunk (cp.async, one chunk ahead), normalise
-//     q/k, evaluate the gate, build the decayed operands Kd, Qd, Kr, the chunk
-//     total decay Gamma, T = (I + L)^-1 diag(beta) (fp32 forward substitution) and
-//     the masked M = Qd Ki^T, into a shared-memory stage (double buffered);
-//   * consumer warps (VB / 16): per chunk,
+//   * producer warps (4), one chunk each, round robin (warp w prepares chunks w, w+4, ...):
+//     load the raw chunk (cp.async, prefetched one round ahead), normalise q/k, evaluate
+//     the gate, build the decayed operands Kd, Qd, Kr, the chunk total decay Gamma,
+//     T = (I + L)^-1 diag(beta) (fp32 forward substitution) and the masked M = Qd Ki^T into
+//     shared-memory stage w.  Chunks are independent, so four are prepared concurrently;
+//   * consumer warps (VB / 16): per chunk, in order,
 //        W^T = S Kd^T,  O^T = S Qd^T,  U^T = (V^T - W^T) T^T,  O^T += U^T M^T,
 //        S = S diag(Gamma) + U^T Kr,   out <- O.
 // SPEC section 2 gives the algebra; all exponents are e^{+-G} with |G| <= 80
@@ -31,7 +32,7 @@ constexpr int kHeadK = 128;   // key head dim
 constexpr int kHeadV = 128;   // value head dim
 constexpr int kChunk = 16;    // tokens per chunk
 constexpr int kProducerWarps = 4;
-constexpr int kStages = 2;
+constexpr int kStages = 4;     // one stage per producer warp
 constexpr int kRowPad = 136;  // bf16 row stride of 16x128 tiles read by ldmatrix (no bank conflicts)
 constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
 
@@ -114,33 +115,36 @@ struct Stage {  // producer -> consumer hand-off for one chunk
   bf16 t[kChunk][kSmallPad]; // (I + L)^-1 diag(beta)
   bf16 m[kChunk][kSmallPad]; // lower-triangular (incl. diagonal) Qd Ki^T
   float gamma[kHeadK];       // e^{G_last}
-  bf16 vt[VB][kSmallPad];    // V chunk, transposed (value column, token)
+  bf16 v[kChunk][VB + 8];    // V chunk (token, value column), padded for ldmatrix
 };
 
 template <int VB>
-struct RawChunk {  // raw inputs as loaded from global memory (zero-filled past the end)
+struct RawChunk {  // one producer warp's raw inputs as loaded (zero-filled past the end)
   bf16 q[kChunk][kHeadK];
   bf16 k[kChunk][kHeadK];
   bf16 g[kChunk][kHeadK];
   bf16 v[kChunk][VB];
 };
 
-template <int VB>
-struct SharedStorage {
-  Stage<VB> stage[kStages];
-  RawChunk<VB> raw[2];
-  bf16 ki[kChunk][kRowPad];  // k^ e^{-G} (producer only)
+struct ProducerScratch {  // private to one producer warp
+  bf16 ki[kChunk][kRowPad];  // k^ e^{-G}
   float l[kChunk][kChunk + 1];
   float inv_norm_q[kChunk];
   float inv_norm_k[kChunk];
-  float beta[kChunk];
+};
+
+template <int VB>
+struct SharedStorage {
+  Stage<VB> stage[kStages];
+  RawChunk<VB> raw[kProducerWarps];
+  ProducerScratch scratch[kProducerWarps];
   bf16 out[VB / 16][kChunk][kSmallPad];  // per consumer warp output staging
 };
 
-// Named barrier ids (0 is __syncthreads).
-constexpr int kBarFull0 = 1;    // + stage
-constexpr int kBarEmpty0 = 3;   // + stage
-constexpr int kBarProducer = 5;
+// Named barrier ids (0 is __syncthreads): stage s is FULL (kBarFull0 + s) / EMPTY (kBarEmpty0 + s).
+constexpr int kBarFull0 = 1;
+constexpr int kBarEmpty0 = kBarFull0 + kStages;
+static_assert(kBarEmpty0 + kStages <= 16, "SM90 has 16 named barriers");
 
 // ---------------------------------------------------------------- sequence bounds
 
@@ -172,12 +176,12 @@ __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, lon
 
 template <int VB>
 __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<VB>& raw, long long row0, int valid,
-                                                 int h, int v0, int ptid) {
+                                                 int h, int v0, int lane) {
   const long long H = p.num_heads;
-  // q, k, g: 16 rows x 16 vectors of 8 bf16; 2 vectors per producer thread each.
+  // q, k, g: 16 rows x 16 vectors of 8 bf16 = 256 vectors each, 8 per lane.
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int idx = ptid + i * 128;
+  for (int i = 0; i < 8; ++i) {
+    const int idx = lane + i * 32;
     const int r = idx >> 4, c8 = (idx & 15) * 8;
     const bool ok = r < valid;
     const long long off = ok ? ((row0 + r) * H + h) * kHeadK + c8 : 0;
@@ -186,185 +190,194 @@ __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<VB
     cp_async_16(&raw.g[r][c8], p.g + off, ok);
   }
   constexpr int kVecPerRowV = VB / 8;
-  constexpr int kVecV = kChunk * kVecPerRowV;
 #pragma unroll
-  for (int i = 0; i < (kVecV + 127) / 128; ++i) {
-    const int idx = ptid + i * 128;
-    if (kVecV % 128 == 0 || idx < kVecV) {
-      const int r = idx / kVecPerRowV, c8 = (idx % kVecPerRowV) * 8;
-      const bool ok = r < valid;
-      const long long off = ok ? ((row0 + r) * H + h) * kHeadV + v0 + c8 : 0;
-      cp_async_16(&raw.v[r][c8], p.v + off, ok);
-    }
+  for (int i = 0; i < kChunk * kVecPerRowV / 32; ++i) {
+    const int idx = lane + i * 32;
+    const int r = idx / kVecPerRowV, c8 = (idx % kVecPerRowV) * 8;
+    const bool ok = r < valid;
+    const long long off = ok ? ((row0 + r) * H + h) * kHeadV + v0 + c8 : 0;
+    cp_async_16(&raw.v[r][c8], p.v + off, ok);
   }
+  cute::cp_async_fence();
 }
 
+// One producer warp prepares chunks warp, warp + 4, ... into stage `warp`.
 template <int VB>
-__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v0, long long bos, int num_chunks,
-                         int ptid) {
-  constexpr int kThreads = (VB / 16 + kProducerWarps) * 32;
-  const int warp = ptid >> 5, lane = ptid & 31;
-  const int c = ptid;  // channel owned in the element-wise pass
+__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v0, long long bos, int seq_len,
+                         int num_chunks, int warp, int lane) {
+  constexpr int kBarThreads = (VB / 16 + 1) * 32;  // consumers + this producer warp
+  constexpr float kLog2e = 1.4426950408889634f;
+  RawChunk<VB>& raw = sm.raw[warp];
+  ProducerScratch& scr = sm.scratch[warp];
+  Stage<VB>& st = sm.stage[warp];
+  const int c0 = lane * 4;  // key channels c0..c0+3 owned in the element-wise pass
+  // gate in log2 units: x2 = -log2(e) a (g + d); sigmoid = 1 / (1 + 2^x2); G2 += lb log2(e) sigmoid
   const float a = p.A_log != nullptr ? fast_exp(p.A_log[h]) : 1.0f;
-  const float d = p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c] : 0.0f;
-  const float lb = p.lower_bound;
+  const float a2 = -a * kLog2e;
+  float d2[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) d2[j] = a2 * (p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c0 + j] : 0.0f);
+  const float lb2 = p.lower_bound * kLog2e;
 
-  // beta of the next chunk is loaded one iteration ahead (a plain load; 16 values).
+  auto chunk_valid = [&](int chunk) { return min(kChunk, seq_len - chunk * kChunk); };
   auto load_beta = [&](int chunk) {
-    const int r = chunk * kChunk + ptid;
-    return (ptid < kChunk && r < p.seq_len) ? __bfloat162float(p.beta[(bos + r) * p.num_heads + h]) : 0.0f;
+    const int r = chunk * kChunk + lane;
+    return (lane < kChunk && r < seq_len) ? __bfloat162float(p.beta[(bos + r) * p.num_heads + h]) : 0.0f;
   };
-  float beta_next = 0.0f;
-  if (num_chunks > 0) {
-    issue_chunk_load(p, sm.raw[0], bos, min(kChunk, p.seq_len), h, v0, ptid);
-    cute::cp_async_fence();
-    beta_next = load_beta(0);
+
+  float beta_raw = 0.0f;
+  if (warp < num_chunks) {
+    issue_chunk_load(p, raw, bos + static_cast<long long>(warp) * kChunk, chunk_valid(warp), h, v0, lane);
+    beta_raw = load_beta(warp);
   }
-  for (int chunk = 0; chunk < num_chunks; ++chunk) {
-    const int s = chunk & 1;
-    RawChunk<VB>& raw = sm.raw[chunk & 1];
-    Stage<VB>& st = sm.stage[s];
-    const long long row0 = bos + static_cast<long long>(chunk) * kChunk;
-    const int valid = min(kChunk, p.seq_len - chunk * kChunk);  // seq_len holds this sequence's length here
+  for (int chunk = warp; chunk < num_chunks; chunk += kStages) {
+    const int valid = chunk_valid(chunk);
+    const float bsig = lane < valid ? sigmoid(beta_raw) : 0.0f;  // beta of row `lane` (lanes < 16)
+    cute::cp_async_wait<0>();
+    __syncwarp();
 
-    // Everyone finished reading the raw buffer we are about to refill.
-    named_sync(kBarProducer, kProducerWarps * 32);
-    const float beta_raw = beta_next;
-    if (chunk + 1 < num_chunks) beta_next = load_beta(chunk + 1);
-    if (chunk + 1 < num_chunks) {
-      const int next_valid = min(kChunk, p.seq_len - (chunk + 1) * kChunk);
-      issue_chunk_load(p, sm.raw[(chunk + 1) & 1], row0 + kChunk, next_valid, h, v0, ptid);
-      cute::cp_async_fence();
-      cute::cp_async_wait<1>();
-    } else {
-      cute::cp_async_fence();
-      cute::cp_async_wait<0>();
-    }
-    named_sync(kBarProducer, kProducerWarps * 32);
-
-    // Row norms of q and k (warp w: rows 4w..4w+3) and beta.
+    // Row norms: lanes 0-15 take even rows, 16-31 odd rows; 8 channels per lane.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = warp * 4 + i;
-      const __nv_bfloat162* qr = reinterpret_cast<const __nv_bfloat162*>(&raw.q[r][lane * 4]);
-      const __nv_bfloat162* kr = reinterpret_cast<const __nv_bfloat162*>(&raw.k[r][lane * 4]);
-      float2 q0 = __bfloat1622float2(qr[0]), q1 = __bfloat1622float2(qr[1]);
-      float2 k0 = __bfloat1622float2(kr[0]), k1 = __bfloat1622float2(kr[1]);
-      float sq = q0.x * q0.x + q0.y * q0.y + q1.x * q1.x + q1.y * q1.y;
-      float sk = k0.x * k0.x + k0.y * k0.y + k1.x * k1.x + k1.y * k1.y;
+    for (int i = 0; i < kChunk / 2; ++i) {
+      const int r = 2 * i + (lane >> 4), c8 = (lane & 15) * 8;
+      const uint4 qv = *reinterpret_cast<const uint4*>(&raw.q[r][c8]);
+      const uint4 kv = *reinterpret_cast<const uint4*>(&raw.k[r][c8]);
+      const uint32_t qw[4] = {qv.x, qv.y, qv.z, qv.w}, kw[4] = {kv.x, kv.y, kv.z, kv.w};
+      float sq = 0.0f, sk = 0.0f;
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
+      for (int j = 0; j < 4; ++j) {
+        const float2 qf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qw[j]));
+        const float2 kf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kw[j]));
+        sq += qf.x * qf.x + qf.y * qf.y;
+        sk += kf.x * kf.x + kf.y * kf.y;
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) {
         sq += __shfl_xor_sync(0xffffffffu, sq, off);
         sk += __shfl_xor_sync(0xffffffffu, sk, off);
       }
-      if (lane == 0) {
-        sm.inv_norm_q[r] = rsqrtf(sq + 1e-6f);
-        sm.inv_norm_k[r] = rsqrtf(sk + 1e-6f);
+      if ((lane & 15) == 0) {
+        scr.inv_norm_q[r] = rsqrtf(sq + 1e-6f) * p.scale;
+        scr.inv_norm_k[r] = rsqrtf(sk + 1e-6f);
       }
     }
-    if (ptid < kChunk) sm.beta[ptid] = ptid < valid ? sigmoid(beta_raw) : 0.0f;
-    named_sync(kBarProducer, kProducerWarps * 32);
 
-    // The stage we write must have been released by the consumers.
-    if (chunk >= kStages) named_sync(kBarEmpty0 + s, kThreads);
-
-    // Element-wise pass: thread c owns key channel c for all 16 rows.
-    float G[kChunk];
-    float acc = 0.0f;
+    // Gate pass: cumulative log2-decay G2 for 16 rows x 4 channels.
+    float G[kChunk][4];
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      const float x = a * (__bfloat162float(raw.g[r][c]) + d);
-      const float gamma = r < valid ? lb * sigmoid(x) : 0.0f;
-      acc += gamma;
-      G[r] = acc;
+      const uint2 gv = *reinterpret_cast<const uint2*>(&raw.g[r][c0]);
+      const float2 g01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.x));
+      const float2 g23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.y));
+      const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float s = __fdividef(1.0f, 1.0f + exp2f(fmaf(a2, gr[j], d2[j])));
+        acc[j] = r < valid ? fmaf(lb2, s, acc[j]) : acc[j];
+        G[r][j] = acc[j];
+      }
     }
-    const float g_last = acc;
-    const float gamma_total = fast_exp(g_last);
+
+    // The stage must have been released by the consumers (chunk - 4 consumed).
+    if (chunk >= kStages) named_sync(kBarEmpty0 + warp, kBarThreads);
+    __syncwarp();  // inverse norms visible to the whole warp
+
+    float gamma_total[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) gamma_total[j] = exp2f(acc[j]);
+    *reinterpret_cast<float4*>(&st.gamma[c0]) = make_float4(gamma_total[0], gamma_total[1], gamma_total[2],
+                                                            gamma_total[3]);
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      const float kh = __bfloat162float(raw.k[r][c]) * sm.inv_norm_k[r];
-      const float qh = __bfloat162float(raw.q[r][c]) * sm.inv_norm_q[r] * p.scale;
-      const float e = fast_exp(G[r]);
-      const float ei = fast_exp(-G[r]);
-      const float er = gamma_total * ei;  // e^{G_last - G}
-      st.kd[r][c] = __float2bfloat16_rn(kh * e);
-      st.qd[r][c] = __float2bfloat16_rn(qh * e);
-      st.kr[r][c] = __float2bfloat16_rn(kh * er);
-      sm.ki[r][c] = __float2bfloat16_rn(kh * ei);
+      const uint2 kv = *reinterpret_cast<const uint2*>(&raw.k[r][c0]);
+      const uint2 qv = *reinterpret_cast<const uint2*>(&raw.q[r][c0]);
+      const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.x));
+      const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.y));
+      const float2 q01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.x));
+      const float2 q23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.y));
+      const float rk = scr.inv_norm_k[r], rq = scr.inv_norm_q[r];
+      const float kh[4] = {k01.x * rk, k01.y * rk, k23.x * rk, k23.y * rk};
+      const float qh[4] = {q01.x * rq, q01.y * rq, q23.x * rq, q23.y * rq};
+      float kd[4], qd[4], ki[4], kr[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float e = exp2f(G[r][j]);
+        const float ei = exp2f(-G[r][j]);
+        kd[j] = kh[j] * e;
+        qd[j] = qh[j] * e;
+        ki[j] = kh[j] * ei;
+        kr[j] = kh[j] * (ei * gamma_total[j]);  // e^{G_last - G}
+      }
+      *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
+      *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
+      *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
+      *reinterpret_cast<uint2*>(&scr.ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
     }
-    st.gamma[c] = gamma_total;
-    named_sync(kBarProducer, kProducerWarps * 32);
+    // V into the stage (16-byte vectors).
+    constexpr int kVecPerRowV = VB / 8;
+#pragma unroll
+    for (int i = 0; i < kChunk * kVecPerRowV / 32; ++i) {
+      const int idx = lane + i * 32;
+      const int r = idx / kVecPerRowV, c8 = (idx % kVecPerRowV) * 8;
+      *reinterpret_cast<uint4*>(&st.v[r][c8]) = *reinterpret_cast<const uint4*>(&raw.v[r][c8]);
+    }
+    __syncwarp();  // raw fully read, stage operands written
 
-    const int gq = lane >> 2, tq = lane & 3;  // MMA fragment coordinates
-    if (warp < 2) {
-      // warp 0: L = Kd Ki^T, warp 1: M = Qd Ki^T (16x16, reduction over 128 channels)
-      const bf16(*lhs)[kRowPad] = warp == 0 ? st.kd : st.qd;
-      float acc2[2][4] = {};
+    // Prefetch this warp's next chunk while the rest of this one is finished.
+    if (chunk + kStages < num_chunks) {
+      issue_chunk_load(p, raw, bos + static_cast<long long>(chunk + kStages) * kChunk, chunk_valid(chunk + kStages),
+                       h, v0, lane);
+      beta_raw = load_beta(chunk + kStages);
+    }
+
+    // L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels).
+    const int gq = lane >> 2, tq = lane & 3;
+    float accL[2][4] = {}, accM[2][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < kHeadK / 16; ++ks) {
-        uint32_t af[4];
-        // A fragment: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
-        ldsm_x4(&lhs[(lane & 7) + ((lane >> 3) & 1) * 8][ks * 16 + (lane >> 4) * 8], af[0], af[1], af[2], af[3]);
-        uint32_t bf[4];
-        // B fragments: matrices (tok 0-7, k 0-7), (tok 0-7, k 8-15), (tok 8-15, k 0-7), (tok 8-15, k 8-15)
-        ldsm_x4(&sm.ki[(lane & 7) + (lane >> 4) * 8][ks * 16 + ((lane >> 3) & 1) * 8], bf[0], bf[1], bf[2], bf[3]);
-        mma16816(acc2[0], af, bf[0], bf[1]);
-        mma16816(acc2[1], af, bf[2], bf[3]);
-      }
-      if (warp == 0) {
+    for (int ks = 0; ks < kHeadK / 16; ++ks) {
+      const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = ks * 16 + (lane >> 4) * 8;
+      const int brow = (lane & 7) + (lane >> 4) * 8, bcol = ks * 16 + ((lane >> 3) & 1) * 8;
+      uint32_t kdf[4], qdf[4], kib[4];
+      ldsm_x4(&st.kd[arow][acol], kdf[0], kdf[1], kdf[2], kdf[3]);
+      ldsm_x4(&st.qd[arow][acol], qdf[0], qdf[1], qdf[2], qdf[3]);
+      ldsm_x4(&scr.ki[brow][bcol], kib[0], kib[1], kib[2], kib[3]);
+      mma16816(accL[0], kdf, kib[0], kib[1]);
+      mma16816(accL[1], kdf, kib[2], kib[3]);
+      mma16816(accM[0], qdf, kib[0], kib[1]);
+      mma16816(accM[1], qdf, kib[2], kib[3]);
+    }
+    const float beta_lo = __shfl_sync(0xffffffffu, bsig, gq), beta_hi = __shfl_sync(0xffffffffu, bsig, gq + 8);
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = gq + (e >> 1) * 8, j = nt * 8 + tq * 2 + (e & 1);
-            sm.l[i][j] = i > j ? sm.beta[i] * acc2[nt][e] : 0.0f;
-          }
-        }
-        __syncwarp();
-        if (lane < kChunk) {
-          // Forward substitution (fp32), right-looking so each step's updates are independent:
-          // column `lane` of X = (I + L)^-1 diag(beta).
-          const int col = lane;
-          float x[kChunk];
-#pragma unroll
-          for (int i = 0; i < kChunk; ++i) x[i] = i == col ? sm.beta[i] : 0.0f;
-#pragma unroll
-          for (int j = 0; j < kChunk; ++j) {
-#pragma unroll
-            for (int i = j + 1; i < kChunk; ++i) x[i] -= sm.l[i][j] * x[j];
-          }
-#pragma unroll
-          for (int i = 0; i < kChunk; ++i) st.t[i][col] = __float2bfloat16_rn(x[i]);
-        }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int i = gq + hh * 8, j = nt * 8 + tq * 2;
-            const float m0 = i >= j ? acc2[nt][hh * 2] : 0.0f;
-            const float m1 = i >= j + 1 ? acc2[nt][hh * 2 + 1] : 0.0f;
-            *reinterpret_cast<uint32_t*>(&st.m[i][j]) = pack_bf16(m0, m1);
-          }
-        }
-      }
-    } else {
-      // warps 2-3: V chunk transposed into the stage (value column, token).
-      for (int vc = ptid - 64; vc < VB; vc += 64) {
-        uint32_t w[8];
-#pragma unroll
-        for (int r = 0; r < kChunk; r += 2) {
-          __nv_bfloat162 pr;
-          pr.x = raw.v[r][vc];
-          pr.y = raw.v[r + 1][vc];
-          w[r / 2] = *reinterpret_cast<uint32_t*>(&pr);
-        }
-        uint4* dst = reinterpret_cast<uint4*>(&st.vt[vc][0]);
-        dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-        dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = gq + hh * 8, j = nt * 8 + tq * 2;
+        const float b = hh ? beta_hi : beta_lo;
+        scr.l[i][j] = i > j ? b * accL[nt][hh * 2] : 0.0f;
+        scr.l[i][j + 1] = i > j + 1 ? b * accL[nt][hh * 2 + 1] : 0.0f;
+        const float m0 = i >= j ? accM[nt][hh * 2] : 0.0f;
+        const float m1 = i >= j + 1 ? accM[nt][hh * 2 + 1] : 0.0f;
+        *reinterpret_cast<uint32_t*>(&st.m[i][j]) = pack_bf16(m0, m1);
       }
     }
-    named_arrive(kBarFull0 + s, kThreads);
+    __syncwarp();
+    if (lane < kChunk) {
+      // Forward substitution (fp32), right-looking so each step's updates are independent:
+      // column `lane` of X = (I + L)^-1 diag(beta).
+      float x[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) x[i] = i == lane ? bsig : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+#pragma unroll
+        for (int i = j + 1; i < kChunk; ++i) x[i] -= scr.l[i][j] * x[j];
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) st.t[i][lane] = __float2bfloat16_rn(x[i]);
+    }
+    __syncwarp();
+    named_arrive(kBarFull0 + warp, kBarThreads);
   }
 }
 
@@ -373,7 +386,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
 template <int VB, int STATE_IN, int STATE_OUT>
 __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int v0, long long bos,
                          int seq_len, int num_chunks, int cw, int lane) {
-  constexpr int kThreads = (VB / 16 + kProducerWarps) * 32;
+  constexpr int kBarThreads = (VB / 16 + 1) * 32;  // consumers + one producer warp
   constexpr int kTiles = kHeadK / 8;  // 16 accumulator tiles of 16x8 across the key axis
   const int gq = lane >> 2, tq = lane & 3;
   const int row_lo = v0 + cw * 16 + gq;  // value row of accumulator elements 0,1 (elements 2,3: +8)
@@ -398,9 +411,9 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
   }
 
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
-    const int s = chunk & 1;
+    const int s = chunk % kStages;
     const Stage<VB>& st = sm.stage[s];
-    named_sync(kBarFull0 + s, kThreads);
+    named_sync(kBarFull0 + s, kBarThreads);
 
     // W^T = S Kd^T and O^T = S Qd^T (16 value rows x 16 tokens per warp).
     float W[2][4] = {}, O[2][4] = {};
@@ -418,16 +431,16 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       mma16816(O[1], af, qb[2], qb[3]);
     }
 
-    // X^T = V^T - W^T as an A fragment (value rows x tokens).
+    // X^T = V^T - W^T as an A fragment (value rows x tokens); V^T by a transposed ldmatrix.
     uint32_t xf[4];
     {
-      const int vr = cw * 16 + gq;
+      uint32_t vf[4];
+      ldsm_x4_t(&st.v[(lane & 7) + (lane >> 4) * 8][cw * 16 + ((lane >> 3) & 1) * 8], vf[0], vf[1], vf[2], vf[3]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int nt = e >> 1, hh = e & 1;
-        const __nv_bfloat162 vv = *reinterpret_cast<const __nv_bfloat162*>(&st.vt[vr + hh * 8][nt * 8 + tq * 2]);
-        const float2 vf = __bfloat1622float2(vv);
-        xf[e] = pack_bf16(vf.x - W[nt][hh * 2], vf.y - W[nt][hh * 2 + 1]);
+        const float2 v2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vf[e]));
+        xf[e] = pack_bf16(v2.x - W[nt][hh * 2], v2.y - W[nt][hh * 2 + 1]);
       }
     }
     // U^T = X^T T^T: B[k][n] = T[n][k].
@@ -464,7 +477,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       mma16816(S[n + 1], uf, rb[2], rb[3]);
     }
     // The stage is no longer needed: let the producer refill it.
-    if (chunk + kStages < num_chunks) named_arrive(kBarEmpty0 + s, kThreads);
+    if (chunk + kStages < num_chunks) named_arrive(kBarEmpty0 + s, kBarThreads);
 
     // out: stage O (value rows x tokens) through shared memory, then 16-byte stores.
     bf16(*os)[kSmallPad] = sm.out[cw];
@@ -522,10 +535,9 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   const int seq_len = static_cast<int>(eos - bos);
   const int num_chunks = (seq_len + kChunk - 1) / kChunk;
 
-  KdaParams local = p;
-  local.seq_len = seq_len;  // the producer reads this sequence's length from here
   if (threadIdx.x >= kConsumerThreads) {
-    producer<VB>(local, sm, h, v0, bos, num_chunks, threadIdx.x - kConsumerThreads);
+    const int ptid = threadIdx.x - kConsumerThreads;
+    producer<VB>(p, sm, h, v0, bos, seq_len, num_chunks, ptid >> 5, ptid & 31);
   } else {
     consumer<VB, STATE_IN, STATE_OUT>(p, sm, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5, threadIdx.x & 31);
   }
