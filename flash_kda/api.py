@@ -22,12 +22,15 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_v_block(units: int, device_index: int) -> int:
-    """V-slice width per CTA. Whole heads (128) while (sequence, head) pairs fill about half the
-    SMs or more (splitting repeats the per-chunk preparation); narrower slices below that."""
+    """V-slice width per CTA for ``units`` (sequence, head) pairs.
+
+    Splitting V repeats the per-chunk preparation in every slice, so whole heads (128) win
+    once the pairs alone nearly fill the SMs; below that, narrower slices add CTAs. The
+    thresholds come from the H100 sweep in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
     sms = _sm_count(device_index)
-    if units * 20 >= sms * 9:
+    if units * 10 >= sms * 7:
         return 128
-    return 64 if units * 2 >= sms else 32
+    return 64 if units * 20 >= sms * 7 else 32
 
 
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> KernelSpec:

@@ -78,8 +78,16 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ float fast_exp(float x) {  // e^x via ex2.approx
-  return exp2f(x * 1.4426950408889634f);
+// 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Arguments
+// here stay in [-126, 126], so flushing subnormal results to zero changes nothing.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float fast_exp(float x) {  // e^x
+  return ex2(x * 1.4426950408889634f);
 }
 
 __device__ __forceinline__ float sigmoid(float x) {
@@ -273,7 +281,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float s = __fdividef(1.0f, 1.0f + exp2f(fmaf(a2, gr[j], d2[j])));
+        const float s = __fdividef(1.0f, 1.0f + ex2(fmaf(a2, gr[j], d2[j])));
         acc[j] = r < valid ? fmaf(lb2, s, acc[j]) : acc[j];
         G[r][j] = acc[j];
       }
@@ -285,7 +293,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
 
     float gamma_total[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) gamma_total[j] = exp2f(acc[j]);
+    for (int j = 0; j < 4; ++j) gamma_total[j] = ex2(acc[j]);
     *reinterpret_cast<float4*>(&st.gamma[c0]) = make_float4(gamma_total[0], gamma_total[1], gamma_total[2],
                                                             gamma_total[3]);
 #pragma unroll
@@ -302,8 +310,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       float kd[4], qd[4], ki[4], kr[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float e = exp2f(G[r][j]);
-        const float ei = exp2f(-G[r][j]);
+        const float e = ex2(G[r][j]);
+        const float ei = ex2(-G[r][j]);
         kd[j] = kh[j] * e;
         qd[j] = qh[j] * e;
         ki[j] = kh[j] * ei;
