@@ -14,7 +14,8 @@ if os.environ.get("FLASH_KDA_LOG_LEVEL"):
     _log.addHandler(_handler)
     _log.setLevel(os.environ["FLASH_KDA_LOG_LEVEL"].upper())
 
-from .api import fwd, kda  # noqa: E402
+from .api import fwd, kda, workspace_size  # noqa: E402
 from .precompile import precompile  # noqa: E402
+from . import torch_ops  # noqa: E402,F401  (registers torch.ops.flash_kda.fwd)
 
-__all__ = ["fwd", "kda", "precompile", "__version__"]
+__all__ = ["fwd", "kda", "workspace_size", "precompile", "__version__"]

@@ -51,8 +51,9 @@ def device_arch(device_index: int) -> str:
     return "sm_90a"
 
 
-def _stream_handle(device: torch.device):
-    raw = torch.cuda.current_stream(device).cuda_stream
+def _stream_handle(device_index: int):
+    """The driver handle of the current stream (cached per raw stream value)."""
+    raw = torch._C._cuda_getCurrentRawStream(device_index)
     handle = _streams.get(raw)
     if handle is None:
         from cuda.bindings import driver
@@ -64,18 +65,39 @@ def _contiguous(x):
     return x if x is None or x.is_contiguous() else x.contiguous()
 
 
+def workspace_size(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> int:
+    """Bytes of scratch memory ``fwd`` needs for these shapes: always 0.
+
+    The kernel is fused (no workspace round trip), so callers that preallocate for CUDA
+    graphs may pass ``workspace=None`` or any buffer; nothing is allocated per call."""
+    return 0
+
+
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
         out: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, lower_bound: float | None,
         initial_state: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, *, check_cu_seqlens: bool | None = None,
-        v_block: int | None = None) -> torch.Tensor:
+        v_block: int | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """KDA forward (SPEC section 1), drop-in for upstream FlashKDA's ``flash_kda.fwd``.
 
     Writes ``out`` [B, T, H, V] (and ``final_state`` [N, H, V, K] when given, which may be the
     very tensor passed as ``initial_state``) and returns ``out``. ``check_cu_seqlens=True`` (or
     FLASH_KDA_CHECK_CU_SEQLENS=1) validates the varlen offsets at the cost of a host sync;
-    ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128).
+    ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128);
+    ``workspace`` is accepted for callers that preallocate (``workspace_size`` is 0).
+    Under ``torch.compile`` the call goes through the ``flash_kda::fwd`` custom op.
     """
+    if torch.compiler.is_compiling():
+        torch.ops.flash_kda.fwd(q, k, v, g, beta, float(scale), out, A_log, dt_bias, lower_bound, initial_state,
+                                final_state, cu_seqlens)
+        return out
+    return fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+                     cu_seqlens, check_cu_seqlens=check_cu_seqlens, v_block=v_block)
+
+
+def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state=None, final_state=None,
+              cu_seqlens=None, *, check_cu_seqlens: bool | None = None, v_block: int | None = None) -> torch.Tensor:
+    """``fwd`` without the torch.compile routing: check, pick the kernel, launch."""
     prob = checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
                                final_state, cu_seqlens)
     if cu_seqlens is not None and (check_cu_seqlens or (check_cu_seqlens is None and
@@ -84,34 +106,23 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     units = prob.num_seqs * prob.num_heads
     if units == 0:
         return out
-    device = q.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = prob.device_index
     if v_block is None:
         v_block = choose_v_block(units, index)
     elif v_block not in V_BLOCKS:
         raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block}")
     spec = _spec(prob.state_in, prob.state_out, prob.varlen, v_block, device_arch(index))
-    q, k, v, g, beta = (_contiguous(x) for x in (q, k, v, g, beta))
-    A_log, dt_bias = _contiguous(A_log), _contiguous(dt_bias)
-    if initial_state is not None and initial_state is not final_state:
-        initial_state = _contiguous(initial_state)
-
-    if index != torch.cuda.current_device():
-        with torch.cuda.device(index):
-            _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
-                    initial_state, final_state, cu_seqlens)
-    else:
-        _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound,
-                initial_state, final_state, cu_seqlens)
-    return out
-
-
-def _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-            final_state, cu_seqlens) -> None:
     kernel = get_kernel(spec, index)
+
     block = getattr(_local, "block", None)
     if block is None:
         block = _local.block = ParamBlock()
+    # keep any contiguous copies referenced until the launch has been enqueued (the caching
+    # allocator then keeps their memory valid in stream order)
+    q, k, v, g, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(g), _contiguous(beta)
+    A_log, dt_bias = _contiguous(A_log), _contiguous(dt_bias)
+    if initial_state is not None and initial_state is not final_state:
+        initial_state = _contiguous(initial_state)
     p = block.params
     p.q, p.k, p.v, p.g, p.beta, p.out = (q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(),
                                          out.data_ptr())
@@ -121,7 +132,7 @@ def _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_b
     p.final_state = final_state.data_ptr() if final_state is not None else None
     if cu_seqlens is not None:
         p.cu_seqlens = cu_seqlens.data_ptr()
-        p.cu_seqlens_int64 = cu_seqlens.dtype == torch.int64
+        p.cu_seqlens_int64 = cu_seqlens.dtype is torch.int64
     else:
         p.cu_seqlens = None
         p.cu_seqlens_int64 = 0
@@ -131,7 +142,11 @@ def _launch(spec, index, device, prob, q, k, v, g, beta, scale, out, A_log, dt_b
     p.num_seqs = prob.num_seqs
     p.scale = scale
     p.lower_bound = lower_bound
-    kernel.launch(prob.num_seqs * prob.num_heads * spec.splits, _stream_handle(device), block.address)
+    if torch._C._cuda_getDevice() == index:
+        kernel.launch(units * spec.splits, _stream_handle(index), block.address)
+    else:  # tensors on another GPU than the current one: launch in that device's context
+        kernel.launch_in_own_context(units * spec.splits, _stream_handle(index), block.address)
+    return out
 
 
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -23,6 +23,7 @@ class Problem:
     seq_len: int
     total_tokens: int
     num_heads: int
+    device_index: int
     state_in: str
     state_out: str
     varlen: bool
@@ -32,15 +33,20 @@ def _fail(cls, arg: str, expected: str, got) -> None:
     raise cls(f"flash_kda.fwd: {arg} must be {expected}, got {got}")
 
 
-def _check_tensor(name: str, x, dtype, shape: tuple[int, ...], device: torch.device) -> None:
+def _check_tensor(name: str, x, dtype, shape: tuple[int, ...], device_index: int) -> None:
+    # hot path: torch.Size == tuple, dtype identity and get_device() are the cheap comparisons
     if not isinstance(x, torch.Tensor):
         _fail(TypeError, name, "a torch.Tensor", type(x).__name__)
-    if x.device != device:
-        _fail(ValueError, name, f"on {device} (the device of q)", x.device)
-    if x.dtype != dtype:
+    if x.dtype is not dtype:
         _fail(TypeError, name, f"of dtype {dtype}", x.dtype)
-    if tuple(x.shape) != shape:
+    if x.shape != shape:
         _fail(ValueError, name, f"of shape {list(shape)}", list(x.shape))
+    if x.get_device() != device_index:
+        _fail(ValueError, name, f"on the device of q ({_device_name(device_index)})", x.device)
+
+
+def _device_name(index: int) -> str:
+    return "cpu" if index < 0 else f"cuda:{index}"
 
 
 def check_lower_bound(lower_bound) -> float:
@@ -63,7 +69,7 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
         _fail(TypeError, "q", "a torch.Tensor", type(q).__name__)
     if q.dim() != 4:
         _fail(ValueError, "q", "4-D [B, T, H, K]", f"{q.dim()}-D shape {list(q.shape)}")
-    device = q.device
+    dev = q.get_device()  # -1 on CPU
     B, T, H, K = q.shape
     if K != HEAD_DIM:
         _fail(ValueError, "q", f"head dim K = {HEAD_DIM} (the only one implemented)", f"K = {K}")
@@ -71,23 +77,23 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
         _fail(TypeError, "v", "a torch.Tensor", type(v).__name__)
     if v.dim() != 4 or v.shape[-1] != HEAD_DIM:
         _fail(ValueError, "v", f"4-D [B, T, H, V] with V = {HEAD_DIM}", list(v.shape))
-    _check_tensor("q", q, torch.bfloat16, (B, T, H, K), device)
-    _check_tensor("k", k, torch.bfloat16, (B, T, H, K), device)
-    _check_tensor("v", v, torch.bfloat16, (B, T, H, HEAD_DIM), device)
-    _check_tensor("g", g, torch.bfloat16, (B, T, H, K), device)
-    _check_tensor("beta", beta, torch.bfloat16, (B, T, H), device)
-    _check_tensor("out", out, torch.bfloat16, (B, T, H, HEAD_DIM), device)
+    _check_tensor("q", q, torch.bfloat16, (B, T, H, K), dev)
+    _check_tensor("k", k, torch.bfloat16, (B, T, H, K), dev)
+    _check_tensor("v", v, torch.bfloat16, (B, T, H, HEAD_DIM), dev)
+    _check_tensor("g", g, torch.bfloat16, (B, T, H, K), dev)
+    _check_tensor("beta", beta, torch.bfloat16, (B, T, H), dev)
+    _check_tensor("out", out, torch.bfloat16, (B, T, H, HEAD_DIM), dev)
     if not out.is_contiguous():
         _fail(ValueError, "out", "contiguous (it is written in place)", f"strides {out.stride()}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         _fail(TypeError, "scale", "a finite float", repr(scale))
     if A_log is not None:
-        _check_tensor("A_log", A_log, torch.float32, (H,), device)
+        _check_tensor("A_log", A_log, torch.float32, (H,), dev)
     if dt_bias is not None:
         if not isinstance(dt_bias, torch.Tensor):
             _fail(TypeError, "dt_bias", "a torch.Tensor or None", type(dt_bias).__name__)
         expected = (H, K) if dt_bias.dim() == 2 else (H * K,)
-        _check_tensor("dt_bias", dt_bias, torch.float32, expected, device)
+        _check_tensor("dt_bias", dt_bias, torch.float32, expected, dev)
     check_lower_bound(lower_bound)
 
     varlen = cu_seqlens is not None
@@ -98,8 +104,8 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
             _fail(TypeError, "cu_seqlens", "int32 or int64", cu_seqlens.dtype)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             _fail(ValueError, "cu_seqlens", "1-D [N + 1] with N >= 0", list(cu_seqlens.shape))
-        if cu_seqlens.device != device:
-            _fail(ValueError, "cu_seqlens", f"on {device} (the device of q)", cu_seqlens.device)
+        if cu_seqlens.get_device() != dev:
+            _fail(ValueError, "cu_seqlens", f"on the device of q ({_device_name(dev)})", cu_seqlens.device)
         if B != 1:
             _fail(ValueError, "q", "batch size 1 when cu_seqlens is given (varlen packs sequences along T)",
                   f"B = {B}")
@@ -116,13 +122,13 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
             _fail(TypeError, name, "a torch.Tensor or None", type(state).__name__)
         if state.dtype not in _STATE_NAMES:
             _fail(TypeError, name, "bfloat16 or float32", state.dtype)
-        _check_tensor(name, state, state.dtype, (N, H, HEAD_DIM, K), device)
+        _check_tensor(name, state, state.dtype, (N, H, HEAD_DIM, K), dev)
         if not state.is_contiguous():
             _fail(ValueError, name, "contiguous [N, H, V, K]", f"strides {state.stride()}")
         state_names.append(_STATE_NAMES[state.dtype])
-    if device.type != "cuda":
-        _fail(ValueError, "q", "a CUDA tensor", f"a tensor on {device}")
-    return Problem(num_seqs=N, seq_len=T, total_tokens=B * T, num_heads=H, state_in=state_names[0],
+    if dev < 0:
+        _fail(ValueError, "q", "a CUDA tensor", f"a tensor on {q.device}")
+    return Problem(num_seqs=N, seq_len=T, total_tokens=B * T, num_heads=H, device_index=dev, state_in=state_names[0],
                    state_out=state_names[1], varlen=varlen)
 
 

@@ -62,6 +62,7 @@ def get_kernel(spec: KernelSpec, device_index: int) -> LoadedKernel:
     with _lock:
         kernel = _loaded.get((spec, device_index))
         if kernel is None:
+            _refuse_during_capture(spec)
             compiler = get_compiler()
             check_compiler_fits_driver(compiler.version(), compiler.name)
             cubin, path, _ = build(spec, compiler=compiler)
@@ -69,3 +70,13 @@ def get_kernel(spec: KernelSpec, device_index: int) -> LoadedKernel:
             log.debug("flash_kda: %s ready on cuda:%d from %s", spec.name, device_index, path)
             _loaded[(spec, device_index)] = kernel
     return kernel
+
+
+def _refuse_during_capture(spec: KernelSpec) -> None:
+    """Compiling or loading a module is not allowed while a CUDA graph is being captured."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"flash_kda: the first call of {spec.name} happened during CUDA graph capture, where a kernel "
+            "cannot be compiled or loaded. Call flash_kda.fwd once with the same kind of inputs before "
+            "capturing (the usual warm-up), or precompile and warm up at start-up.")

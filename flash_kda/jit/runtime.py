@@ -93,3 +93,12 @@ class LoadedKernel:
                 (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,
                                       params_address, 0)
             check((err,), f"cuLaunchKernel({self.spec.name}, blocks={blocks})")
+
+    def launch_in_own_context(self, blocks: int, stream, params_address: int) -> None:
+        """Launch with this kernel's device context pushed (the calling thread's current one is another GPU's)."""
+        driver = _driver()
+        check(driver.cuCtxPushCurrent(self._context), "cuCtxPushCurrent")
+        try:
+            self.launch(blocks, stream, params_address)
+        finally:
+            check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")

@@ -1,0 +1,39 @@
+"""Cold-start costs on this machine (no GPU needed): NVRTC vs nvcc per specialisation, and
+precompiling every specialisation into an empty cache.  Usage: python benchmarks/compile_times.py"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import flash_kda
+from flash_kda.jit import KernelSpec, get_compiler
+
+
+def main() -> None:
+    samples = [KernelSpec("fp32", "fp32", False, v_block=128), KernelSpec("bf16", "fp32", True, v_block=64),
+               KernelSpec("none", "none", False, v_block=32)]
+    print(f"CPU cores: {os.cpu_count()}\n")
+    print("| compiler | seconds per specialisation (median of 3 specs) |")
+    print("|---|---:|")
+    for name in ("nvrtc", "nvcc"):
+        comp = get_compiler(name)
+        times = []
+        for spec in samples:
+            start = time.perf_counter()
+            comp.compile(spec)
+            times.append(time.perf_counter() - start)
+        major, minor = comp.version()
+        print(f"| {name} (CUDA {major}.{minor}) | {statistics.median(times):.2f} |")
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        entries = flash_kda.precompile(cache_dir=cache)
+        took = time.perf_counter() - start
+        size = sum(e.size for e in entries)
+    print(f"\nprecompile all {len(entries)} specialisations (NVRTC, {os.cpu_count()} processes): {took:.1f} s, "
+          f"{size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
