@@ -1,6 +1,6 @@
 """Accuracy table: relative RMS error of out and final_state against the float64 reference,
-for every (state-in, state-out, fixed/varlen) specialisation, next to FLA's chunk_kda error on
-the same inputs.  Usage: python benchmarks/accuracy.py"""
+for every specialisation (state in x state out x fixed/varlen x V-slice width), next to FLA's
+chunk_kda error on the same inputs.  Usage: python benchmarks/accuracy.py"""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import itertools
 import torch
 
 import flash_kda
-from flash_kda.jit.spec import STATE_DTYPES
+from flash_kda.jit.spec import STATE_DTYPES, V_BLOCKS
 from flash_kda.reference import kda_reference
 
 from common import fla_chunk_kda, make_inputs, rel_rms
@@ -39,13 +39,13 @@ def main() -> None:
                 fla_res[s_in] = fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale,
                                               inp["A_log"], inp["dt_bias"], -5.0,
                                               initial_state=None if init is None else init.float(), cu_seqlens=cu)
-        for s_in, s_out in itertools.product(STATE_DTYPES, STATE_DTYPES):
+        for s_in, s_out, vb in itertools.product(STATE_DTYPES, STATE_DTYPES, V_BLOCKS):
             init = None if s_in == "none" else h0.to(DT[s_in])
             out = torch.full_like(inp["v"], float("nan"))
             final = None if s_out == "none" else torch.full((N, H, 128, 128), float("nan"), device="cuda",
                                                             dtype=DT[s_out])
             flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, out, inp["A_log"],
-                          inp["dt_bias"], -5.0, initial_state=init, final_state=final, cu_seqlens=cu)
+                          inp["dt_bias"], -5.0, initial_state=init, final_state=final, cu_seqlens=cu, v_block=vb)
             ref_out, ref_state = refs[s_in]
             e_out = rel_rms(out, ref_out)
             e_state = rel_rms(final, ref_state) if final is not None else None
@@ -53,17 +53,17 @@ def main() -> None:
             if have_fla:
                 f_out = rel_rms(fla_res[s_in][0], ref_out)
                 f_state = rel_rms(fla_res[s_in][1], ref_state)
-            rows.append((name, s_in, s_out, e_out, e_state, f_out, f_state))
+            rows.append((name, s_in, s_out, vb, e_out, e_state, f_out, f_state))
 
     def fmt(x):
         return "—" if x is None else f"{x:.2e}"
 
     print(f"\nAccuracy vs float64 reference ({torch.cuda.get_device_name()}), relative RMS error, lower_bound -5\n")
-    print("| layout | state in | state out | ours out | ours final_state | FLA out | FLA final_state (fp32) |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for name, s_in, s_out, e_out, e_state, f_out, f_state in rows:
-        print(f"| {name} | {s_in} | {s_out} | {fmt(e_out)} | {fmt(e_state)} | {fmt(f_out)} | {fmt(f_state)} |")
-    worst = max(max(r[3], r[4] or 0) for r in rows)
+    print("| layout | state in | state out | v_block | ours out | ours final_state | FLA out | FLA final_state (fp32) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name, s_in, s_out, vb, e_out, e_state, f_out, f_state in rows:
+        print(f"| {name} | {s_in} | {s_out} | {vb} | {fmt(e_out)} | {fmt(e_state)} | {fmt(f_out)} | {fmt(f_state)} |")
+    worst = max(max(r[4], r[5] or 0) for r in rows)
     print(f"\nworst error of ours: {worst:.2e} (acceptance bound 5e-3): {'PASS' if worst <= 5e-3 else 'FAIL'}")
 
 
