@@ -8,11 +8,15 @@ import torch
 
 from . import checks
 from .jit import get_kernel
-from .jit.params import ParamBlock
+from .jit.params import ParamBlock, pack
+from .jit.runtime import LoadedKernel
 from .jit.spec import V_BLOCKS, KernelSpec
 
 _specs: dict[tuple, KernelSpec] = {}
 _streams: dict[int, object] = {}
+# (device, state_in, state_out, varlen, v_block) -> (loaded kernel, CTAs per (sequence, head)).
+# Plain-tuple keys: hashing a KernelSpec (a frozen dataclass) costs more than the whole lookup.
+_launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
 _local = threading.local()
 
 
@@ -21,16 +25,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _v_block_thresholds(device_index: int) -> tuple[int, int]:
+    """The fewest (sequence, head) pairs for which ``choose_v_block`` picks 128 and 64."""
+    sms = _sm_count(device_index)
+    return -(-sms * 7 // 10), -(-sms * 7 // 20)  # units*10 >= sms*7, units*20 >= sms*7
+
+
 def choose_v_block(units: int, device_index: int) -> int:
     """V-slice width per CTA for ``units`` (sequence, head) pairs.
 
     Splitting V repeats the per-chunk preparation in every slice, so whole heads (128) win
-    once the pairs alone nearly fill the SMs; below that, narrower slices add CTAs. The
-    thresholds come from the H100 sweep in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
-    sms = _sm_count(device_index)
-    if units * 10 >= sms * 7:
-        return 128
-    return 64 if units * 20 >= sms * 7 else 32
+    once the pairs alone nearly fill the SMs (units >= 0.7 * SMs); below that, narrower
+    slices add CTAs (64 from 0.35 * SMs, else 32). The thresholds come from the H100 sweep
+    in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
+    t128, t64 = _v_block_thresholds(device_index)
+    return 128 if units >= t128 else 64 if units >= t64 else 32
 
 
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> KernelSpec:
@@ -61,6 +71,17 @@ def _stream_handle(device_index: int):
     return handle
 
 
+def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
+              v_block: int) -> tuple[LoadedKernel, int]:
+    """Slow path of the launcher cache: validate ``v_block``, load (or compile) the kernel."""
+    if v_block not in V_BLOCKS:
+        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block!r}")
+    spec = _spec(state_in, state_out, varlen, v_block, device_arch(device_index))
+    launcher = (get_kernel(spec, device_index), spec.splits)
+    _launchers[(device_index, state_in, state_out, varlen, v_block)] = launcher
+    return launcher
+
+
 def _contiguous(x):
     return x if x is None or x.is_contiguous() else x.contiguous()
 
@@ -82,8 +103,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
 
     Writes ``out`` [B, T, H, V] (and ``final_state`` [N, H, V, K] when given, which may be the
     very tensor passed as ``initial_state``) and returns ``out``. ``check_cu_seqlens=True`` (or
-    FLASH_KDA_CHECK_CU_SEQLENS=1) validates the varlen offsets at the cost of a host sync;
-    ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128);
+    FLASH_KDA_CHECK_CU_SEQLENS=1 at import) validates the varlen offsets at the cost of a host
+    sync; ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128);
     ``workspace`` is accepted for callers that preallocate (``workspace_size`` is 0).
     Under ``torch.compile`` the call goes through the ``flash_kda::fwd`` custom op.
     """
@@ -97,56 +118,72 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
 
 def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state=None, final_state=None,
               cu_seqlens=None, *, check_cu_seqlens: bool | None = None, v_block: int | None = None) -> torch.Tensor:
-    """``fwd`` without the torch.compile routing: check, pick the kernel, launch."""
-    prob = checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                               final_state, cu_seqlens)
-    if cu_seqlens is not None and (check_cu_seqlens or (check_cu_seqlens is None and
-                                                        checks.cu_seqlens_check_enabled())):
-        checks.validate_cu_seqlens(cu_seqlens, prob.total_tokens)
-    units = prob.num_seqs * prob.num_heads
+    """``fwd`` without the torch.compile routing: check, pick the kernel, launch.
+
+    This is the per-call hot path (a few microseconds of host time is the budget): one pass
+    of cheap checks, one cached launcher lookup, one ``struct.pack_into`` of the parameters
+    and the driver launch. Anything unusual goes through ``_fwd_normalised``."""
+    problem = checks.fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                                final_state, cu_seqlens)
+    if problem is None:
+        return _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
+                               final_state, cu_seqlens, check_cu_seqlens, v_block)
+    index, N, T, H, total_tokens, state_in, state_out = problem
+    if cu_seqlens is None:
+        varlen, cu_ptr, cu_int64 = False, 0, 0
+    else:
+        if check_cu_seqlens or (check_cu_seqlens is None and checks.CHECK_CU_SEQLENS):
+            checks.validate_cu_seqlens(cu_seqlens, total_tokens)
+        varlen, cu_ptr, cu_int64 = True, cu_seqlens.data_ptr(), cu_seqlens.dtype is torch.int64
+    units = N * H
     if units == 0:
         return out
-    index = prob.device_index
     if v_block is None:
-        v_block = choose_v_block(units, index)
+        thresholds = _v_block_thresholds(index)
+        v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
     elif v_block not in V_BLOCKS:
-        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block}")
-    spec = _spec(prob.state_in, prob.state_out, prob.varlen, v_block, device_arch(index))
-    kernel = get_kernel(spec, index)
+        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block!r}")
+    launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
+    if launcher is None:
+        launcher = _launcher(index, state_in, state_out, varlen, v_block)
+    kernel, splits = launcher
 
     block = getattr(_local, "block", None)
     if block is None:
         block = _local.block = ParamBlock()
-    # keep any contiguous copies referenced until the launch has been enqueued (the caching
-    # allocator then keeps their memory valid in stream order)
-    q, k, v, g, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(g), _contiguous(beta)
-    A_log, dt_bias = _contiguous(A_log), _contiguous(dt_bias)
-    if initial_state is not None and initial_state is not final_state:
-        initial_state = _contiguous(initial_state)
-    p = block.params
-    p.q, p.k, p.v, p.g, p.beta, p.out = (q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(),
-                                         out.data_ptr())
-    p.A_log = A_log.data_ptr() if A_log is not None else None
-    p.dt_bias = dt_bias.data_ptr() if dt_bias is not None else None
-    p.initial_state = initial_state.data_ptr() if initial_state is not None else None
-    p.final_state = final_state.data_ptr() if final_state is not None else None
-    if cu_seqlens is not None:
-        p.cu_seqlens = cu_seqlens.data_ptr()
-        p.cu_seqlens_int64 = cu_seqlens.dtype is torch.int64
-    else:
-        p.cu_seqlens = None
-        p.cu_seqlens_int64 = 0
-    p.total_tokens = prob.total_tokens
-    p.seq_len = prob.seq_len
-    p.num_heads = prob.num_heads
-    p.num_seqs = prob.num_seqs
-    p.scale = scale
-    p.lower_bound = lower_bound
+    pack(block.params, 0, q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), out.data_ptr(),
+         A_log.data_ptr() if A_log is not None else 0, dt_bias.data_ptr() if dt_bias is not None else 0,
+         initial_state.data_ptr() if initial_state is not None else 0,
+         final_state.data_ptr() if final_state is not None else 0, cu_ptr,
+         total_tokens, T, H, N, cu_int64, scale, lower_bound)
+    stream = _streams.get(torch._C._cuda_getCurrentRawStream(index))
+    if stream is None:
+        stream = _stream_handle(index)
     if torch._C._cuda_getDevice() == index:
-        kernel.launch(units * spec.splits, _stream_handle(index), block.address)
+        kernel.launch(units * splits, stream, block.address)
     else:  # tensors on another GPU than the current one: launch in that device's context
-        kernel.launch_in_own_context(units * spec.splits, _stream_handle(index), block.address)
+        kernel.launch_in_own_context(units * splits, stream, block.address)
     return out
+
+
+def _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+                    cu_seqlens, check_cu_seqlens: bool | None, v_block: int | None) -> torch.Tensor:
+    """The inputs ``checks.fast_check`` did not take: raise the precise error, or normalise
+    (contiguous copies, float scale and lower_bound) and launch through the hot path."""
+    checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+                        cu_seqlens)
+    # the copies stay referenced until the launch has been enqueued (the caching allocator then
+    # keeps their memory valid in stream order); an in-place state is contiguous (checked)
+    q, k, v, g, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(g), _contiguous(beta)
+    A_log, dt_bias, cu_seqlens = _contiguous(A_log), _contiguous(dt_bias), _contiguous(cu_seqlens)
+    scale, lower_bound = float(scale), float(lower_bound)
+    args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
+    if checks.fast_check(*args) is None:  # would recurse forever: the two checkers disagree
+        described = [(x.dtype, tuple(x.shape), x.device, x.stride()) if isinstance(x, torch.Tensor) else x
+                     for x in args]
+        raise RuntimeError("flash_kda.fwd: internal error: checks.fast_check refuses inputs that "
+                           f"checks.check_inputs accepted, after normalising them: {described}")
+    return fwd_eager(*args, check_cu_seqlens=check_cu_seqlens, v_block=v_block)
 
 
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -1,6 +1,10 @@
 """Input checks for ``flash_kda.fwd``: every rule of SPEC section 4, before any compile or launch.
 
-Errors name the argument, what was expected and what was received.
+Errors name the argument, what was expected and what was received. ``fast_check`` is the
+per-call hot path: one pass of cheap comparisons that accepts the common case (every input
+valid, contiguous and of the exact types the launch packs); anything else goes to
+``check_inputs``, which raises the precise error or accepts an input that only needs
+normalising (a non-contiguous input, an int scale, ...).
 """
 from __future__ import annotations
 
@@ -12,7 +16,18 @@ import torch
 
 HEAD_DIM = 128
 LOWER_BOUND_RANGE = (-5.0, 0.0)
+FLOAT32_MAX = 3.4028234663852886e38  # scale is passed to the kernel as a float32
 _STATE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+_BF16, _FP32, _INT32, _INT64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
+_LB_LO, _LB_HI = LOWER_BOUND_RANGE
+
+
+def _env_enabled(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+# read once at import (a per-call environment lookup costs about a microsecond of host time)
+CHECK_CU_SEQLENS: bool = _env_enabled("FLASH_KDA_CHECK_CU_SEQLENS")
 
 
 @dataclass
@@ -87,6 +102,8 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
         _fail(ValueError, "out", "contiguous (it is written in place)", f"strides {out.stride()}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         _fail(TypeError, "scale", "a finite float", repr(scale))
+    if abs(scale) > FLOAT32_MAX:
+        _fail(ValueError, "scale", f"within the float32 range (|scale| <= {FLOAT32_MAX:.7g})", repr(scale))
     if A_log is not None:
         _check_tensor("A_log", A_log, torch.float32, (H,), dev)
     if dt_bias is not None:
@@ -132,6 +149,70 @@ def check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, init
                    state_out=state_names[1], varlen=varlen)
 
 
+def fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
+               cu_seqlens) -> tuple[int, int, int, int, int, str, str] | None:
+    """The common case of ``check_inputs`` in one pass of cheap comparisons (dtype identity,
+    torch.Size == tuple, get_device, is_contiguous), without building error messages.
+
+    Returns (device index, N, T, H, total tokens B*T, state_in, state_out) when every rule of
+    ``check_inputs`` holds AND every tensor is contiguous, ``scale`` and ``lower_bound`` are
+    Python floats and ``scale`` fits float32. Returns None otherwise: then ``check_inputs`` must run, to raise
+    the precise error or to accept an input that only needs normalising. It never raises for
+    bad input itself (wrong types and ranks land in the ``except``).
+    """
+    try:
+        shape = q.shape
+        B, T, H, K = shape
+        dev = q.get_device()  # -1 on CPU
+        if not (dev >= 0 and K == HEAD_DIM
+                and q.dtype is _BF16 and k.dtype is _BF16 and v.dtype is _BF16 and g.dtype is _BF16
+                and beta.dtype is _BF16 and out.dtype is _BF16
+                and k.shape == shape and v.shape == shape and g.shape == shape and out.shape == shape
+                and beta.shape == (B, T, H)
+                and k.get_device() == dev and v.get_device() == dev and g.get_device() == dev
+                and beta.get_device() == dev and out.get_device() == dev
+                and q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and g.is_contiguous()
+                and beta.is_contiguous() and out.is_contiguous()
+                and type(scale) is float and -FLOAT32_MAX <= scale <= FLOAT32_MAX
+                and type(lower_bound) is float and _LB_LO <= lower_bound <= _LB_HI):
+            return None
+        if A_log is not None and not (A_log.dtype is _FP32 and A_log.shape == (H,) and A_log.get_device() == dev
+                                      and A_log.is_contiguous()):
+            return None
+        if dt_bias is not None and not (dt_bias.dtype is _FP32 and dt_bias.get_device() == dev
+                                        and (dt_bias.shape == (H, K) or dt_bias.shape == (H * K,))
+                                        and dt_bias.is_contiguous()):
+            return None
+        if cu_seqlens is None:
+            N = B
+        else:
+            if not (B == 1 and (cu_seqlens.dtype is _INT64 or cu_seqlens.dtype is _INT32)
+                    and cu_seqlens.dim() == 1 and cu_seqlens.get_device() == dev and cu_seqlens.is_contiguous()):
+                return None
+            N = cu_seqlens.shape[0] - 1
+            if N < 0:
+                return None
+        if initial_state is None:
+            state_in = "none"
+        else:
+            state_in = _STATE_NAMES.get(initial_state.dtype)
+            if not (state_in is not None and initial_state.shape == (N, H, HEAD_DIM, K)
+                    and initial_state.get_device() == dev and initial_state.is_contiguous()):
+                return None
+        if final_state is None:
+            state_out = "none"
+        elif final_state is initial_state:
+            state_out = state_in
+        else:
+            state_out = _STATE_NAMES.get(final_state.dtype)
+            if not (state_out is not None and final_state.shape == (N, H, HEAD_DIM, K)
+                    and final_state.get_device() == dev and final_state.is_contiguous()):
+                return None
+    except (AttributeError, TypeError, ValueError):  # not a tensor, wrong rank, ...: check_inputs names it
+        return None
+    return dev, N, T, H, B * T, state_in, state_out
+
+
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
     """Opt-in value check (costs a device->host sync): 0 <= cu[0] <= ... <= cu[N] <= total tokens."""
     cu = cu_seqlens.detach().to("cpu", torch.int64)
@@ -149,4 +230,5 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
 
 
 def cu_seqlens_check_enabled() -> bool:
-    return os.environ.get("FLASH_KDA_CHECK_CU_SEQLENS", "0") not in ("", "0")
+    """FLASH_KDA_CHECK_CU_SEQLENS as read at import."""
+    return CHECK_CU_SEQLENS

@@ -57,9 +57,10 @@ def test_first_call_inside_capture_explains_itself():
     inp = make_inputs(1, 16, 1, seed=53)
     out = torch.empty_like(inp["v"])
     final = torch.empty(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
-    from flash_kda import jit
+    from flash_kda import api, jit
     from flash_kda.jit.spec import KernelSpec
     jit._loaded.pop((KernelSpec("bf16", "bf16", False, v_block=32), 0), None)  # as in a fresh process
+    api._launchers.clear()  # fwd's own cache of loaded kernels
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="during CUDA graph capture"):
         with torch.cuda.graph(graph):

@@ -1,0 +1,273 @@
+"""The per-call hot path on CPU (device calls stubbed): ``struct.pack_into`` gives the ctypes
+KdaParams bytes, ``checks.fast_check`` agrees with ``checks.check_inputs``, and ``fwd`` packs
+the right parameters and grid for what it launches."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+import flash_kda
+from flash_kda import api, checks
+from flash_kda.jit.params import PARAMS_STRUCT, KdaParams, ParamBlock, pack, struct_offsets
+
+from kda_inputs import make_inputs
+
+POINTER_FIELDS = ("q", "k", "v", "g", "beta", "out", "A_log", "dt_bias", "initial_state", "final_state",
+                  "cu_seqlens")
+
+
+def test_struct_layout_matches_ctypes():
+    assert PARAMS_STRUCT.size == ctypes.sizeof(KdaParams) == 120
+    assert struct_offsets() == [getattr(KdaParams, name).offset for name, _ in KdaParams._fields_]
+
+
+@pytest.mark.parametrize("values", [
+    (0x7F0000001000, 0x7F0000002000, 0x7F0000003000, 0x7F0000004000, 0x7F0000005000, 0x7F0000006000,
+     0, 0x7F0000008000, 0, 0x7FFFFFFFFFF0, 0xFFFFFFFFFFFFFFF0, 3 * 2 ** 33, 16, 96, 6, 1, 128 ** -0.5, -5.0),
+    (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 0, 0, 0, 0, 1e-30, -0.0),
+    (0,) * 11 + (-1, -(2 ** 31), 2 ** 31 - 1, 7, 0, 3.4028234663852886e38, -4.999),
+])
+def test_pack_into_gives_the_ctypes_bytes(values):
+    block = ParamBlock()
+    pack(block.params, 0, *values)
+    reference = KdaParams()
+    for (name, _), value in zip(KdaParams._fields_, values):
+        setattr(reference, name, value if value or name not in POINTER_FIELDS else None)
+    assert bytes(block.params) == bytes(reference)
+    assert ctypes.c_void_p.from_address(block.address).value == ctypes.addressof(block.params)
+
+
+def test_a_scale_beyond_float32_would_reach_the_kernel_as_inf():
+    """Why check_inputs refuses |scale| > FLOAT32_MAX (ctypes would store inf as well)."""
+    block = ParamBlock()
+    pack(block.params, 0, *(0,) * 16, 1e39, -5.0)
+    assert block.params.scale == float("inf")
+    pack(block.params, 0, *(0,) * 16, checks.FLOAT32_MAX, -5.0)
+    assert block.params.scale == checks.FLOAT32_MAX
+
+
+# ----------------------------------------------------------------------------------- stubbed device
+
+
+class FakeKernel:
+    """Stands in for LoadedKernel: records the grid and the parameter bytes of each launch."""
+
+    def __init__(self, spec, launches: list):
+        self.spec, self._launches = spec, launches
+
+    def launch(self, blocks: int, stream, params_address: int) -> None:
+        params = ctypes.c_void_p.from_address(params_address).value
+        self._launches.append((self.spec, blocks, stream, KdaParams.from_buffer_copy(
+            ctypes.string_at(params, ctypes.sizeof(KdaParams)))))
+
+    launch_in_own_context = launch
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """CPU tensors pass for cuda:0 (or the index set in the returned dict, by id of the tensor);
+    the kernel, stream and SM-count lookups are stubbed. Yields (devices, launches)."""
+    devices: dict[int, int] = {}
+    launches: list = []
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: devices.get(id(self), 0))
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
+    monkeypatch.setattr(api, "_streams", {1234: "stream"})
+    monkeypatch.setattr(api, "_launchers", {})
+    monkeypatch.setattr(api, "_v_block_thresholds", lambda index: (93, 47))  # 132 SMs
+    monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
+    monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches))
+    yield devices, launches
+
+
+def inputs(B=1, T=16, H=2, state=None, varlen=None, final_state=None):
+    inp = make_inputs(B, T, H, device="cpu", seed=3)
+    N = B if varlen is None else len(varlen) - 1
+    args = dict(q=inp["q"], k=inp["k"], v=inp["v"], g=inp["g"], beta=inp["beta"], scale=0.1,
+                out=torch.empty_like(inp["v"]), A_log=inp["A_log"], dt_bias=inp["dt_bias"], lower_bound=-5.0,
+                initial_state=None if state is None else torch.zeros(N, H, 128, 128, dtype=state),
+                final_state=None if final_state is None else torch.zeros(N, H, 128, 128, dtype=final_state),
+                cu_seqlens=None if varlen is None else torch.tensor(varlen))
+    return args
+
+
+def problem_tuple(args) -> tuple:
+    p = checks.check_inputs(**args)
+    return (p.device_index, p.num_seqs, p.seq_len, p.num_heads, p.total_tokens, p.state_in, p.state_out)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(state=torch.float32, final_state=torch.float32), dict(state=torch.bfloat16),
+    dict(final_state=torch.bfloat16), dict(state=torch.bfloat16, final_state=torch.float32),
+    dict(varlen=[0, 5, 5, 16]), dict(B=3, T=32, H=4, state=torch.float32), dict(T=0), dict(varlen=[0]),
+])
+def test_fast_check_takes_valid_contiguous_inputs_like_check_inputs(device, kw):
+    args = inputs(**kw)
+    assert checks.fast_check(**args) == problem_tuple(args)
+    args.update(A_log=None, dt_bias=args["dt_bias"].flatten())
+    assert checks.fast_check(**args) == problem_tuple(args)
+
+
+def _bad_cases():
+    """(argument overrides, exception, message pattern) of invalid inputs; every one must be
+    refused by fast_check and raised by check_inputs."""
+    bf = torch.bfloat16
+    yield dict(k=torch.zeros(1, 16, 2, 128)), TypeError, r"k must be of dtype torch.bfloat16"
+    yield dict(v=torch.zeros(1, 16, 2, 64, dtype=bf)), ValueError, r"v must be 4-D \[B, T, H, V\] with V = 128"
+    yield dict(g=torch.zeros(1, 15, 2, 128, dtype=bf)), ValueError, r"g must be of shape \[1, 16, 2, 128\]"
+    yield dict(beta=torch.zeros(1, 16, 2, 1, dtype=bf)), ValueError, r"beta must be of shape \[1, 16, 2\]"
+    yield dict(beta=torch.zeros(1, 16, 2)), TypeError, r"beta must be of dtype torch.bfloat16"
+    yield dict(out=torch.zeros(1, 16, 2, 128)), TypeError, r"out must be of dtype torch.bfloat16"
+    yield (dict(out=torch.empty(1, 2, 16, 128, dtype=bf).transpose(1, 2)), ValueError,
+           r"out must be contiguous")
+    yield dict(A_log=torch.zeros(3)), ValueError, r"A_log must be of shape \[2\], got \[3\]"
+    yield dict(A_log=torch.zeros(2, dtype=torch.float64)), TypeError, r"A_log must be of dtype torch.float32"
+    yield dict(dt_bias=torch.zeros(2, 128, dtype=bf)), TypeError, r"dt_bias must be of dtype torch.float32"
+    yield dict(dt_bias=torch.zeros(2, 64)), ValueError, r"dt_bias must be of shape \[2, 128\]"
+    yield dict(dt_bias=[0.0] * 256), TypeError, r"dt_bias must be a torch.Tensor or None"
+    yield dict(scale=float("nan")), TypeError, r"scale must be a finite float"
+    yield dict(scale=float("inf")), TypeError, r"scale must be a finite float"
+    yield dict(scale=True), TypeError, r"scale must be a finite float"
+    yield dict(scale="0.1"), TypeError, r"scale must be a finite float"
+    yield dict(scale=1e39), ValueError, r"scale must be within the float32 range"
+    yield dict(lower_bound=0.5), ValueError, r"lower_bound must lie in \[-5.0, 0.0\]"
+    yield dict(lower_bound=float("nan")), ValueError, r"lower_bound must lie in"
+    yield dict(lower_bound=None), NotImplementedError, "softplus"
+    yield (dict(initial_state=torch.zeros(1, 2, 128, 128, dtype=torch.float16)), TypeError,
+           r"initial_state must be bfloat16 or float32")
+    yield dict(final_state=torch.zeros(2, 2, 128, 128)), ValueError, r"final_state must be of shape \[1, 2, 128, 128\]"
+    yield (dict(final_state=torch.zeros(1, 2, 128, 128).transpose(2, 3)), ValueError,
+           r"final_state must be contiguous")
+    yield dict(initial_state=torch.zeros(1, 2, 128, 128).numpy()), TypeError, r"initial_state must be a torch.Tensor"
+    yield dict(cu_seqlens=torch.tensor([0.0, 16.0])), TypeError, r"cu_seqlens must be int32 or int64"
+    yield dict(cu_seqlens=torch.tensor([[0, 16]])), ValueError, r"cu_seqlens must be 1-D"
+    yield dict(cu_seqlens=torch.zeros(0, dtype=torch.int64)), ValueError, r"cu_seqlens must be 1-D"
+    yield dict(q=torch.zeros(16, 2, 128, dtype=bf)), ValueError, r"q must be 4-D \[B, T, H, K\]"
+    yield dict(q=torch.zeros(1, 16, 2, 64, dtype=bf)), ValueError, r"head dim K = 128"
+    yield dict(q=np.zeros((1, 16, 2, 128))), TypeError, r"q must be a torch.Tensor"
+    yield dict(k=None), TypeError, r"k must be a torch.Tensor"
+
+
+@pytest.mark.parametrize("over,exc,pattern", list(_bad_cases()))
+def test_bad_input_is_refused_by_fast_check_and_named_by_fwd(device, over, exc, pattern):
+    args = inputs()
+    args.update(over)
+    assert checks.fast_check(**args) is None
+    with pytest.raises(exc, match=pattern):
+        flash_kda.fwd(**args)
+    assert device[1] == []  # nothing launched
+
+
+@pytest.mark.parametrize("name", ["k", "v", "beta", "out", "A_log", "dt_bias", "final_state", "cu_seqlens"])
+def test_a_tensor_on_another_device_is_refused(device, name):
+    args = inputs(final_state=torch.float32, varlen=[0, 16])
+    device[0][id(args[name])] = 1
+    assert checks.fast_check(**args) is None
+    with pytest.raises(ValueError, match=rf"{name} must be on the device of q \(cuda:0\)"):
+        flash_kda.fwd(**args)
+
+
+def test_cpu_tensors_are_refused_by_both_checkers():
+    args = inputs()
+    assert checks.fast_check(**args) is None
+    with pytest.raises(ValueError, match=r"q must be a CUDA tensor, got a tensor on cpu"):
+        flash_kda.fwd(**args)
+
+
+def test_varlen_needs_batch_one(device):
+    args = inputs(B=2, varlen=[0, 16])
+    assert checks.fast_check(**args) is None
+    with pytest.raises(ValueError, match=r"batch size 1 when cu_seqlens is given"):
+        flash_kda.fwd(**args)
+
+
+def _params(launch) -> dict:
+    params = launch[3]
+    return {name: getattr(params, name) for name, _ in KdaParams._fields_}
+
+
+def test_fwd_packs_pointers_sizes_and_scalars(device):
+    args = inputs(B=2, T=32, H=3, state=torch.float32, final_state=torch.bfloat16)
+    assert flash_kda.fwd(**args) is args["out"]
+    (spec, blocks, stream, _), = device[1]
+    p = _params(device[1][0])
+    for name in POINTER_FIELDS[:-1]:
+        assert p[name] == args[name].data_ptr(), name
+    assert p["cu_seqlens"] is None and p["cu_seqlens_int64"] == 0
+    assert (p["total_tokens"], p["seq_len"], p["num_heads"], p["num_seqs"]) == (64, 32, 3, 2)
+    assert p["scale"] == pytest.approx(0.1) and p["lower_bound"] == -5.0
+    assert (spec.state_in, spec.state_out, spec.varlen, spec.v_block) == ("fp32", "bf16", False, 32)
+    assert blocks == 2 * 3 * spec.splits and stream == "stream"
+
+
+@pytest.mark.parametrize("dtype,flag", [(torch.int32, 0), (torch.int64, 1)])
+def test_varlen_packs_offsets_and_their_width(device, dtype, flag):
+    args = inputs(varlen=[0, 3, 16], state=torch.float32)
+    args["cu_seqlens"] = args["cu_seqlens"].to(dtype)
+    args["final_state"] = args["initial_state"]  # in-place state update
+    flash_kda.fwd(**args, v_block=64)
+    (spec, blocks, _, _), = device[1]
+    p = _params(device[1][0])
+    assert p["cu_seqlens"] == args["cu_seqlens"].data_ptr() and p["cu_seqlens_int64"] == flag
+    assert p["initial_state"] == p["final_state"] == args["initial_state"].data_ptr()
+    assert (p["total_tokens"], p["num_seqs"]) == (16, 2)
+    assert (spec.state_in, spec.state_out, spec.varlen, spec.v_block) == ("fp32", "fp32", True, 64)
+    assert blocks == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("units,v_block", [(1, 32), (46, 32), (47, 64), (92, 64), (93, 128), (200, 128)])
+def test_v_block_follows_the_thresholds(device, units, v_block):
+    flash_kda.fwd(**inputs(B=units, H=1))
+    (spec, blocks, _, _), = device[1]
+    assert spec.v_block == v_block and blocks == units * spec.splits
+
+
+def test_choose_v_block_keeps_the_sweep_rule(monkeypatch):
+    api._v_block_thresholds.cache_clear()
+    monkeypatch.setattr(api, "_sm_count", lambda index: 132)
+    try:
+        for units in range(1, 300):
+            expected = 128 if units * 10 >= 132 * 7 else 64 if units * 20 >= 132 * 7 else 32
+            assert api.choose_v_block(units, 99) == expected
+    finally:
+        api._v_block_thresholds.cache_clear()
+
+
+def test_bad_v_block_is_refused_before_launch(device):
+    with pytest.raises(ValueError, match=r"v_block must be one of \(32, 64, 128\), got 48"):
+        flash_kda.fwd(**inputs(), v_block=48)
+    with pytest.raises(ValueError, match=r"v_block must be one of"):
+        flash_kda.fwd(**inputs(), v_block=[32])
+    assert device[1] == []
+
+
+def test_empty_problems_launch_nothing(device):
+    flash_kda.fwd(**inputs(varlen=[0]))
+    flash_kda.fwd(**inputs(B=0))
+    assert device[1] == []
+
+
+def test_normalisable_inputs_are_copied_and_converted(device):
+    args = inputs(state=torch.float32)
+    args["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same shape, other strides
+    args["dt_bias"] = torch.zeros(128, 2).t()
+    args.update(scale=np.float64(0.25), lower_bound=-3)  # a float subclass, an int
+    assert checks.fast_check(**args) is None
+    flash_kda.fwd(**args)
+    p = _params(device[1][0])
+    assert p["q"] != args["q"].data_ptr() and p["dt_bias"] != args["dt_bias"].data_ptr()  # contiguous copies
+    assert p["k"] == args["k"].data_ptr() and p["initial_state"] == args["initial_state"].data_ptr()
+    assert (p["scale"], p["lower_bound"]) == (0.25, -3.0)
+
+
+def test_env_flag_for_cu_seqlens_is_read_at_import(device, monkeypatch):
+    monkeypatch.setenv("FLASH_KDA_CHECK_CU_SEQLENS", "1")
+    assert checks.cu_seqlens_check_enabled() is checks.CHECK_CU_SEQLENS
+    monkeypatch.setattr(checks, "CHECK_CU_SEQLENS", True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flash_kda.fwd(**inputs(varlen=[0, 9, 4, 16]))
+    flash_kda.fwd(**inputs(varlen=[0, 9, 4, 16]), check_cu_seqlens=False)
+    assert len(device[1]) == 1
