@@ -29,16 +29,17 @@ def _sm_count(device_index: int) -> int:
 def _v_block_thresholds(device_index: int) -> tuple[int, int]:
     """The fewest (sequence, head) pairs for which ``choose_v_block`` picks 128 and 64."""
     sms = _sm_count(device_index)
-    return -(-sms * 7 // 10), -(-sms * 7 // 20)  # units*10 >= sms*7, units*20 >= sms*7
+    return -(-sms * 7 // 2), sms // 4 + 1  # units*2 >= sms*7; units*4 > sms
 
 
 def choose_v_block(units: int, device_index: int) -> int:
     """V-slice width per CTA for ``units`` (sequence, head) pairs.
 
-    Splitting V repeats the per-chunk preparation in every slice, so whole heads (128) win
-    once the pairs alone nearly fill the SMs (units >= 0.7 * SMs); below that, narrower
-    slices add CTAs (64 from 0.35 * SMs, else 32). The thresholds come from the H100 sweep
-    in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
+    A width of 32 or 64 runs 4 or 2 CTAs per pair, in clusters of two that share each chunk's
+    preparation; a pair of 64-wide CTAs steps through a chunk about twice as fast as one
+    128-wide CTA, so 64 wins until the pairs alone fill the SMs several times over (units >=
+    3.5 * SMs), and 32 wins while all four slices of every pair fit at once (4 * units <= SMs).
+    The thresholds come from the H100 sweep in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
     t128, t64 = _v_block_thresholds(device_index)
     return 128 if units >= t128 else 64 if units >= t64 else 32
 

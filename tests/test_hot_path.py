@@ -77,7 +77,7 @@ def device(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
     monkeypatch.setattr(api, "_streams", {1234: "stream"})
     monkeypatch.setattr(api, "_launchers", {})
-    monkeypatch.setattr(api, "_v_block_thresholds", lambda index: (93, 47))  # 132 SMs
+    monkeypatch.setattr(api, "_v_block_thresholds", lambda index: (462, 34))  # 132 SMs
     monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
     monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches))
     yield devices, launches
@@ -218,7 +218,7 @@ def test_varlen_packs_offsets_and_their_width(device, dtype, flag):
     assert blocks == 2 * 2 * 2
 
 
-@pytest.mark.parametrize("units,v_block", [(1, 32), (46, 32), (47, 64), (92, 64), (93, 128), (200, 128)])
+@pytest.mark.parametrize("units,v_block", [(1, 32), (33, 32), (34, 64), (461, 64), (462, 128), (600, 128)])
 def test_v_block_follows_the_thresholds(device, units, v_block):
     flash_kda.fwd(**inputs(B=units, H=1))
     (spec, blocks, _, _), = device[1]
@@ -229,8 +229,8 @@ def test_choose_v_block_keeps_the_sweep_rule(monkeypatch):
     api._v_block_thresholds.cache_clear()
     monkeypatch.setattr(api, "_sm_count", lambda index: 132)
     try:
-        for units in range(1, 300):
-            expected = 128 if units * 10 >= 132 * 7 else 64 if units * 20 >= 132 * 7 else 32
+        for units in range(1, 600):
+            expected = 128 if units * 2 >= 132 * 7 else 32 if units * 4 <= 132 else 64
             assert api.choose_v_block(units, 99) == expected
     finally:
         api._v_block_thresholds.cache_clear()

@@ -15,7 +15,7 @@ _STATE_CODE = {"none": 0, "bf16": 1, "fp32": 2}  # kStateNone / kStateBF16 / kSt
 GATES = ("bounded",)
 V_BLOCKS = (32, 64, 128)
 HEAD_DIM = 128
-PRODUCER_WARPS = 4
+PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
 TEMPLATE = "kda_fwd.cuh"
 KERNEL_NAME = "flash_kda_fwd_kernel"
 
@@ -58,14 +58,24 @@ class KernelSpec:
         """CTAs per (sequence, head): the value axis is cut into this many slices."""
         return self.head_v // self.v_block
 
+    @property
+    def cluster(self) -> int:
+        """CTAs per thread-block cluster: pairs of a head's V-slices share each chunk's preparation
+        through distributed shared memory (templates/kda_fwd.cuh, Config<VB>::kCluster)."""
+        return min(self.splits, 2)
+
     def source(self) -> str:
         """The translation unit that instantiates the template for this spec."""
         args = (f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, "
                 f"{'true' if self.varlen else 'false'}")
+        cluster = f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else ""
         return (
             f'#include "{TEMPLATE}"\n'
             f"// {self.name}\n"
-            f'extern "C" __global__ void __launch_bounds__({self.threads}, 1)\n'
+            f"static_assert(flash_kda::Config<{self.v_block}>::kThreads == {self.threads} && "
+            f"flash_kda::Config<{self.v_block}>::kCluster == {self.cluster}, "
+            f'"spec.py and the template disagree on the launch shape");\n'
+            f'extern "C" __global__ void __launch_bounds__({self.threads}, 1) {cluster}\n'
             f"{KERNEL_NAME}(const flash_kda::KdaParams p) {{\n"
             f"  flash_kda::kda_fwd<{args}>(p);\n"
             f"}}\n"

@@ -1,21 +1,26 @@
 // flash_kda: chunked Kimi Delta Attention forward for SM90 (bounded gate).
 //
-// One CTA owns one (sequence, head, V-slice of width VB).  The recurrent state
-// slice S (VB value rows x 128 key columns, fp32) lives in the registers of the
-// consumer warps as the accumulator of CuTe's SM80 16x8x16 bf16 MMA atom; it is
-// never written to memory between chunks.
+// A head's value axis is cut into kSplits slices of width VB; one CTA owns one (sequence,
+// head, V-slice), and consecutive pairs of a (sequence, head)'s slices form one thread-block
+// cluster (Config<VB>::kCluster).  The recurrent state slice S (VB value rows x 128 key
+// columns, fp32) lives in the registers of the consumer warps as the accumulator of CuTe's
+// SM80 16x8x16 bf16 MMA atom; it is never written to memory between chunks.
 //
-// Warp roles (warp specialisation, hand-off through named barriers):
-//   * producer warps (4), one chunk each, round robin (warp w prepares chunks w, w+4, ...):
-//     load the raw chunk (cp.async, prefetched one round ahead), normalise q/k, evaluate
-//     the gate, build the decayed operands Kd, Qd, Kr, the chunk total decay Gamma,
-//     T = (I + L)^-1 diag(beta) (fp32 forward substitution) and the masked M = Qd Ki^T into
-//     shared-memory stage w.  Chunks are independent, so four are prepared concurrently;
+// Warp roles (warp specialisation):
+//   * producer warps (4 per CTA), one whole 16-token chunk each: load the raw chunk (cp.async,
+//     prefetched one round ahead), normalise q/k, evaluate the gate, build the decayed operands
+//     Kd, Qd, Kr, the chunk total decay Gamma, T = (I + L)^-1 diag(beta) (fp32 forward
+//     substitution) and the masked M = Qd Ki^T.  The preparation does not depend on the
+//     V-slice, so each chunk is prepared once per cluster: CTA r's producers take the chunks c
+//     with c % kCluster == r, build slot c % kSlots in their own shared memory and copy it to
+//     the same slot of the other CTA (one bulk copy; the V-slice by st.async);
 //   * consumer warps (VB / 16): per chunk, in order,
 //        W^T = S Kd^T,  O^T = S Qd^T,  U^T = (V^T - W^T) T^T,  O^T += U^T M^T,
 //        S = S diag(Gamma) + U^T Kr,   out <- O.
-// SPEC section 2 gives the algebra; all exponents are e^{+-G} with |G| <= 80
-// nats because lower_bound >= -5 and the chunk has 16 rows.
+// Hand-off per slot through mbarriers: FULL in every CTA (32 producer-lane arrivals plus the
+// copied bytes) and EMPTY in the producing CTA (every consumer lane of the cluster arrives).
+// SPEC section 2 gives the algebra; all exponents are e^{+-G} with |G| <= 80 nats because
+// lower_bound >= -5 and the chunk has 16 rows.
 #pragma once
 
 #include <cute/arch/mma_sm80.hpp>
@@ -31,8 +36,6 @@ using cute::uint128_t;
 constexpr int kHeadK = 128;   // key head dim
 constexpr int kHeadV = 128;   // value head dim
 constexpr int kChunk = 16;    // tokens per chunk
-constexpr int kProducerWarps = 4;
-constexpr int kStages = 4;     // one stage per producer warp
 constexpr int kRowPad = 136;  // bf16 row stride of 16x128 tiles read by ldmatrix (no bank conflicts)
 constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
 
@@ -66,11 +69,90 @@ struct KdaParams {
 
 // ---------------------------------------------------------------- helpers
 
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+// ---------------------------------------------------------------- cluster and mbarrier helpers
+
+// Launch shape of one V-slice width: the cluster size, the warp roles and the slot ring.
+template <int VB>
+struct Config {
+  static constexpr int kSplits = kHeadV / VB;  // CTAs per (sequence, head)
+  // CTAs per cluster: consecutive V-slices of one (sequence, head) that share the chunk
+  // preparation.  Pairs, because clusters of 4 single-CTA SMs do not all fit at once on an H100
+  // (cuOccupancyMaxActiveClusters: 30 of 33), which would leave a second wave at 128 CTAs.
+  static constexpr int kCluster = kSplits < 2 ? kSplits : 2;
+  static constexpr int kProducerWarps = 4;
+  static constexpr int kSlots = kCluster * kProducerWarps;  // chunks in flight, one slot per producer warp
+  static constexpr int kClusterV = kCluster * VB;             // value columns a producer loads
+  static constexpr int kConsumerWarps = VB / 16;
+  static constexpr int kConsumerThreads = kConsumerWarps * 32;
+  static constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// The shared::cluster address of `addr` (a shared::cta address) in the CTA of rank `rank`.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t mapped;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(addr), "r"(rank));
+  return mapped;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Arrive on the mbarrier at `bar`: a shared::cta address (this CTA) or a shared::cluster address from
+// map_to_rank.  Release at CTA scope, as CUTLASS's cluster pipelines do: cluster scope would make ptxas
+// add MEMBAR.ALL.GPU, which waits for every outstanding global store.  Data crosses CTAs only through
+// the asynchronous copies below, whose bytes complete the barrier's transaction count.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+
+// Announce `bytes` more bytes of asynchronous copies for the current phase of `bar` (shared::cluster).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cluster.shared::cluster.b64 [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+
+// Wait until the phase of the given parity of this CTA's mbarrier has completed.
+__device__ __forceinline__ void mbar_wait(const uint64_t* bar, int parity) {
+  const uint32_t addr = smem_addr(bar);
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+  } while (!done);
+}
+
+// 16 bytes into another CTA's shared memory; their arrival completes 16 bytes of `bar`'s transaction count.
+__device__ __forceinline__ void st_async_16(uint32_t addr, const uint4& v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+               :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar) : "memory");
+}
+
+// Bulk copy of this CTA's shared memory into another CTA's (the TMA unit); completes `bytes` of `bar`.
+__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "r"(smem_addr(src)), "r"(bytes), "r"(bar) : "memory");
+}
+
+// Generic-proxy writes to shared memory become visible to the async proxy (the bulk copy).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -126,16 +208,16 @@ struct Stage {  // producer -> consumer hand-off for one chunk
   bf16 v[kChunk][VB + 8];    // V chunk (token, value column), padded for ldmatrix
 };
 
-template <int VB>
+template <int CV>
 struct RawChunk {  // one producer warp's raw inputs as loaded (zero-filled past the end)
   bf16 q[kChunk][kHeadK];
   bf16 k[kChunk][kHeadK];
-  bf16 g[kChunk][kHeadK];
-  bf16 v[kChunk][VB];
+  // g as loaded; once the gate pass has read it, k^ e^{-G} (padded rows for ldmatrix)
+  bf16 g_ki[kChunk][kRowPad];
+  bf16 v[kChunk][CV];  // the cluster's V-slices: each goes to its CTA
 };
 
 struct ProducerScratch {  // private to one producer warp
-  bf16 ki[kChunk][kRowPad];  // k^ e^{-G}
   float l[kChunk][kChunk + 1];
   float inv_norm_q[kChunk];
   float inv_norm_k[kChunk];
@@ -143,16 +225,14 @@ struct ProducerScratch {  // private to one producer warp
 
 template <int VB>
 struct SharedStorage {
-  Stage<VB> stage[kStages];
-  RawChunk<VB> raw[kProducerWarps];
-  ProducerScratch scratch[kProducerWarps];
-  bf16 out[VB / 16][kChunk][kSmallPad];  // per consumer warp output staging
+  using Cfg = Config<VB>;
+  Stage<VB> stage[Cfg::kSlots];
+  RawChunk<Cfg::kClusterV> raw[Cfg::kProducerWarps];
+  ProducerScratch scratch[Cfg::kProducerWarps];
+  bf16 out[Cfg::kConsumerWarps][kChunk][kSmallPad];  // per consumer warp output staging
+  uint64_t full[Cfg::kSlots];   // slot written (every CTA)
+  uint64_t empty[Cfg::kSlots];  // slot consumed by every CTA (meaningful in the producing CTA)
 };
-
-// Named barrier ids (0 is __syncthreads): stage s is FULL (kBarFull0 + s) / EMPTY (kBarEmpty0 + s).
-constexpr int kBarFull0 = 1;
-constexpr int kBarEmpty0 = kBarFull0 + kStages;
-static_assert(kBarEmpty0 + kStages <= 16, "SM90 has 16 named barriers");
 
 // ---------------------------------------------------------------- sequence bounds
 
@@ -182,8 +262,8 @@ __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, lon
 
 // ---------------------------------------------------------------- producer
 
-template <int VB>
-__device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<VB>& raw, long long row0, int valid,
+template <int CV>
+__device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<CV>& raw, long long row0, int valid,
                                                  int h, int v0, int lane) {
   const long long H = p.num_heads;
   // q, k, g: 16 rows x 16 vectors of 8 bf16 = 256 vectors each, 8 per lane.
@@ -195,13 +275,14 @@ __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<VB
     const long long off = ok ? ((row0 + r) * H + h) * kHeadK + c8 : 0;
     cp_async_16(&raw.q[r][c8], p.q + off, ok);
     cp_async_16(&raw.k[r][c8], p.k + off, ok);
-    cp_async_16(&raw.g[r][c8], p.g + off, ok);
+    cp_async_16(&raw.g_ki[r][c8], p.g + off, ok);
   }
-  constexpr int kVecPerRowV = VB / 8;
+  // v: columns v0 .. v0 + CV of 16 rows.
+  constexpr int kVecPerRow = CV / 8;
 #pragma unroll
-  for (int i = 0; i < kChunk * kVecPerRowV / 32; ++i) {
+  for (int i = 0; i < kChunk * kVecPerRow / 32; ++i) {
     const int idx = lane + i * 32;
-    const int r = idx / kVecPerRowV, c8 = (idx % kVecPerRowV) * 8;
+    const int r = idx / kVecPerRow, c8 = (idx % kVecPerRow) * 8;
     const bool ok = r < valid;
     const long long off = ok ? ((row0 + r) * H + h) * kHeadV + v0 + c8 : 0;
     cp_async_16(&raw.v[r][c8], p.v + off, ok);
@@ -209,15 +290,25 @@ __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<VB
   cute::cp_async_fence();
 }
 
-// One producer warp prepares chunks warp, warp + 4, ... into stage `warp`.
+// Producer warp `warp` of cluster rank `rank` prepares the chunks c with c % kCluster == rank and
+// (c / kCluster) % kProducerWarps == warp, i.e. chunk slot + k * kSlots, k = 0, 1, ..., always into
+// slot `slot` = warp * kCluster + rank of every CTA of the cluster.  `cv0`: the cluster's first
+// value column.
 template <int VB>
-__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v0, long long bos, int seq_len,
-                         int num_chunks, int warp, int lane) {
-  constexpr int kBarThreads = (VB / 16 + 1) * 32;  // consumers + this producer warp
+__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int cv0, long long bos, int seq_len,
+                         int num_chunks, int rank, int warp, int lane) {
+  using Cfg = Config<VB>;
+  constexpr int kSlots = Cfg::kSlots;
   constexpr float kLog2e = 1.4426950408889634f;
-  RawChunk<VB>& raw = sm.raw[warp];
+  const int slot = warp * Cfg::kCluster + rank;
+  RawChunk<Cfg::kClusterV>& raw = sm.raw[warp];
   ProducerScratch& scr = sm.scratch[warp];
-  Stage<VB>& st = sm.stage[warp];
+  Stage<VB>& st = sm.stage[slot];
+  constexpr int kCluster = Cfg::kCluster;
+  // What goes to the other CTAs: the slot up to its V-slice by one bulk copy, the V-slice by st.async.
+  constexpr uint32_t kBulkBytes = sizeof(Stage<VB>) - sizeof(Stage<VB>::v);  // v is the last member
+  constexpr uint32_t kRemoteBytes = kBulkBytes + kChunk * VB * sizeof(bf16);
+  static_assert(kBulkBytes % 16 == 0, "bulk copies move 16-byte multiples");
   const int c0 = lane * 4;  // key channels c0..c0+3 owned in the element-wise pass
   // gate in log2 units: x2 = -log2(e) a (g + d); sigmoid = 1 / (1 + 2^x2); G2 += lb log2(e) sigmoid
   const float a = p.A_log != nullptr ? fast_exp(p.A_log[h]) : 1.0f;
@@ -234,11 +325,11 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
   };
 
   float beta_raw = 0.0f;
-  if (warp < num_chunks) {
-    issue_chunk_load(p, raw, bos + static_cast<long long>(warp) * kChunk, chunk_valid(warp), h, v0, lane);
-    beta_raw = load_beta(warp);
+  if (slot < num_chunks) {
+    issue_chunk_load(p, raw, bos + static_cast<long long>(slot) * kChunk, chunk_valid(slot), h, cv0, lane);
+    beta_raw = load_beta(slot);
   }
-  for (int chunk = warp; chunk < num_chunks; chunk += kStages) {
+  for (int chunk = slot; chunk < num_chunks; chunk += kSlots) {
     const int valid = chunk_valid(chunk);
     const float bsig = lane < valid ? sigmoid(beta_raw) : 0.0f;  // beta of row `lane` (lanes < 16)
     cute::cp_async_wait<0>();
@@ -275,7 +366,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      const uint2 gv = *reinterpret_cast<const uint2*>(&raw.g[r][c0]);
+      const uint2 gv = *reinterpret_cast<const uint2*>(&raw.g_ki[r][c0]);
       const float2 g01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.x));
       const float2 g23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.y));
       const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
@@ -287,9 +378,17 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       }
     }
 
-    // The stage must have been released by the consumers (chunk - 4 consumed).
-    if (chunk >= kStages) named_sync(kBarEmpty0 + warp, kBarThreads);
-    __syncwarp();  // inverse norms visible to the whole warp
+    // The slot must have been released by the consumers of every CTA (chunk - kSlots consumed).
+    if (chunk >= kSlots) mbar_wait(&sm.empty[slot], (chunk / kSlots - 1) & 1);
+    if constexpr (kCluster > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 1; j < kCluster; ++j) {
+          mbar_expect_tx(map_to_rank(smem_addr(&sm.full[slot]), (rank + j) % kCluster), kRemoteBytes);
+        }
+      }
+    }
+    __syncwarp();  // inverse norms visible, raw.g read by every lane (ki overwrites it)
 
     float gamma_total[4];
 #pragma unroll
@@ -320,24 +419,27 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
       *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
       *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
-      *reinterpret_cast<uint2*>(&scr.ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
+      *reinterpret_cast<uint2*>(&raw.g_ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
     }
-    // V into the stage (16-byte vectors).
-    constexpr int kVecPerRowV = VB / 8;
+    // V: the cluster's slice j (columns j*VB ...) into the slot of its CTA of rank j (16-byte vectors).
+    // A lane's columns are the same in every row it copies, so is its destination.
+    {
+      constexpr int kVecPerRow = Cfg::kClusterV / 8;
+      const int c8 = (lane % kVecPerRow) * 8, to = c8 / VB;
+      const uint32_t to_full = map_to_rank(smem_addr(&sm.full[slot]), to);
 #pragma unroll
-    for (int i = 0; i < kChunk * kVecPerRowV / 32; ++i) {
-      const int idx = lane + i * 32;
-      const int r = idx / kVecPerRowV, c8 = (idx % kVecPerRowV) * 8;
-      *reinterpret_cast<uint4*>(&st.v[r][c8]) = *reinterpret_cast<const uint4*>(&raw.v[r][c8]);
+      for (int i = 0; i < kChunk * kVecPerRow / 32; ++i) {
+        const int r = (lane + i * 32) / kVecPerRow;
+        const uint4 val = *reinterpret_cast<const uint4*>(&raw.v[r][c8]);
+        uint4* dst = reinterpret_cast<uint4*>(&st.v[r][c8 % VB]);
+        if (kCluster == 1 || to == rank) {
+          *dst = val;
+        } else {
+          st_async_16(map_to_rank(smem_addr(dst), to), val, to_full);
+        }
+      }
     }
-    __syncwarp();  // raw fully read, stage operands written
-
-    // Prefetch this warp's next chunk while the rest of this one is finished.
-    if (chunk + kStages < num_chunks) {
-      issue_chunk_load(p, raw, bos + static_cast<long long>(chunk + kStages) * kChunk, chunk_valid(chunk + kStages),
-                       h, v0, lane);
-      beta_raw = load_beta(chunk + kStages);
-    }
+    __syncwarp();  // stage operands and ki written
 
     // L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels).
     const int gq = lane >> 2, tq = lane & 3;
@@ -349,11 +451,18 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
       uint32_t kdf[4], qdf[4], kib[4];
       ldsm_x4(&st.kd[arow][acol], kdf[0], kdf[1], kdf[2], kdf[3]);
       ldsm_x4(&st.qd[arow][acol], qdf[0], qdf[1], qdf[2], qdf[3]);
-      ldsm_x4(&scr.ki[brow][bcol], kib[0], kib[1], kib[2], kib[3]);
+      ldsm_x4(&raw.g_ki[brow][bcol], kib[0], kib[1], kib[2], kib[3]);
       mma16816(accL[0], kdf, kib[0], kib[1]);
       mma16816(accL[1], kdf, kib[2], kib[3]);
       mma16816(accM[0], qdf, kib[0], kib[1]);
       mma16816(accM[1], qdf, kib[2], kib[3]);
+    }
+    __syncwarp();  // raw (ki included) fully read
+    // Prefetch this warp's next chunk while the rest of this one is finished.
+    if (chunk + kSlots < num_chunks) {
+      issue_chunk_load(p, raw, bos + static_cast<long long>(chunk + kSlots) * kChunk, chunk_valid(chunk + kSlots), h,
+                       cv0, lane);
+      beta_raw = load_beta(chunk + kSlots);
     }
     const float beta_lo = __shfl_sync(0xffffffffu, bsig, gq), beta_hi = __shfl_sync(0xffffffffu, bsig, gq + 8);
 #pragma unroll
@@ -384,8 +493,23 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) st.t[i][lane] = __float2bfloat16_rn(x[i]);
     }
-    __syncwarp();
-    named_arrive(kBarFull0 + warp, kBarThreads);
+    if constexpr (kCluster > 1) {
+      // The slot is complete here: copy it to the other CTAs of the cluster.
+      fence_proxy_async_smem();
+      __syncwarp();
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 1; j < kCluster; ++j) {
+          const uint32_t to = (rank + j) % kCluster;
+          bulk_copy_to_cluster(map_to_rank(smem_addr(&st), to), &st, kBulkBytes,
+                               map_to_rank(smem_addr(&sm.full[slot]), to));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCluster; ++j) {  // every lane, on every CTA's barrier (its own first)
+      mbar_arrive(j == 0 ? smem_addr(&sm.full[slot]) : map_to_rank(smem_addr(&sm.full[slot]), (rank + j) % kCluster));
+    }
   }
 }
 
@@ -394,7 +518,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int v
 template <int VB, int STATE_IN, int STATE_OUT>
 __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int v0, long long bos,
                          int seq_len, int num_chunks, int cw, int lane) {
-  constexpr int kBarThreads = (VB / 16 + 1) * 32;  // consumers + one producer warp
+  constexpr int kSlots = Config<VB>::kSlots;
+  constexpr int kCluster = Config<VB>::kCluster;
   constexpr int kTiles = kHeadK / 8;  // 16 accumulator tiles of 16x8 across the key axis
   const int gq = lane >> 2, tq = lane & 3;
   const int row_lo = v0 + cw * 16 + gq;  // value row of accumulator elements 0,1 (elements 2,3: +8)
@@ -419,9 +544,9 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
   }
 
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
-    const int s = chunk % kStages;
+    const int s = chunk % kSlots;
     const Stage<VB>& st = sm.stage[s];
-    named_sync(kBarFull0 + s, kBarThreads);
+    mbar_wait(&sm.full[s], (chunk / kSlots) & 1);
 
     // W^T = S Kd^T and O^T = S Qd^T (16 value rows x 16 tokens per warp).
     float W[2][4] = {}, O[2][4] = {};
@@ -484,8 +609,11 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       mma16816(S[n], uf, rb[0], rb[1]);
       mma16816(S[n + 1], uf, rb[2], rb[3]);
     }
-    // The stage is no longer needed: let the producer refill it.
-    if (chunk + kStages < num_chunks) named_arrive(kBarEmpty0 + s, kBarThreads);
+    // The slot is no longer needed here: tell its producing CTA (rank s % kCluster).
+    if (chunk + kSlots < num_chunks) {
+      const uint32_t empty = smem_addr(&sm.empty[s]);
+      mbar_arrive(kCluster == 1 ? empty : map_to_rank(empty, s % kCluster));
+    }
 
     // out: stage O (value rows x tokens) through shared memory, then 16-byte stores.
     bf16(*os)[kSmallPad] = sm.out[cw];
@@ -528,13 +656,17 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
 template <int VB, int STATE_IN, int STATE_OUT, bool VARLEN>
 __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   static_assert(VB % 16 == 0 && kHeadV % VB == 0, "VB must divide the value head dim in 16-row slices");
-  constexpr int kSplits = kHeadV / VB;
-  constexpr int kConsumerThreads = VB / 16 * 32;
+  using Cfg = Config<VB>;
+  constexpr int kSplits = Cfg::kSplits;
+  constexpr int kCluster = Cfg::kCluster;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   SharedStorage<VB>& sm = *reinterpret_cast<SharedStorage<VB>*>(smem_raw);
 
+  // The kSplits V-slices of one (sequence, head) are consecutive blocks; each run of kCluster of
+  // them is one cluster (the grid is a multiple of kSplits, so clusters never straddle heads).
   const int block = blockIdx.x;
   const int split = block % kSplits;
+  const int rank = kCluster == 1 ? 0 : static_cast<int>(cluster_rank());  // == split % kCluster
   const int h = (block / kSplits) % p.num_heads;
   const int seq = block / kSplits / p.num_heads;
   const int v0 = split * VB;
@@ -543,12 +675,25 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   const int seq_len = static_cast<int>(eos - bos);
   const int num_chunks = (seq_len + kChunk - 1) / kChunk;
 
-  if (threadIdx.x >= kConsumerThreads) {
-    const int ptid = threadIdx.x - kConsumerThreads;
-    producer<VB>(p, sm, h, v0, bos, seq_len, num_chunks, ptid >> 5, ptid & 31);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < Cfg::kSlots; ++s) {
+      mbar_init(&sm.full[s], 32);                                  // the producing warp's lanes
+      mbar_init(&sm.empty[s], kCluster * Cfg::kConsumerThreads);   // every consumer lane of the cluster
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // Barriers initialised in every CTA before any CTA's producer or consumer touches them.
+  if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
+
+  if (threadIdx.x >= Cfg::kConsumerThreads) {
+    const int ptid = threadIdx.x - Cfg::kConsumerThreads;
+    producer<VB>(p, sm, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
     consumer<VB, STATE_IN, STATE_OUT>(p, sm, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5, threadIdx.x & 31);
   }
+  // No CTA leaves while another may still write into its slots or arrive on its barriers.
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
 }  // namespace flash_kda
