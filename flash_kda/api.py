@@ -111,7 +111,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     """
     if torch.compiler.is_compiling():
         torch.ops.flash_kda.fwd(q, k, v, g, beta, float(scale), out, A_log, dt_bias, lower_bound, initial_state,
-                                final_state, cu_seqlens)
+                                final_state, cu_seqlens, check_cu_seqlens, v_block)
         return out
     return fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
                      cu_seqlens, check_cu_seqlens=check_cu_seqlens, v_block=v_block)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flash_kda
+from flash_kda import api
 
 from kda_inputs import make_inputs
 
@@ -57,7 +58,7 @@ def test_first_call_inside_capture_explains_itself():
     inp = make_inputs(1, 16, 1, seed=53)
     out = torch.empty_like(inp["v"])
     final = torch.empty(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
-    from flash_kda import api, jit
+    from flash_kda import jit
     from flash_kda.jit.spec import KernelSpec
     jit._loaded.pop((KernelSpec("bf16", "bf16", False, v_block=32), 0), None)  # as in a fresh process
     api._launchers.clear()  # fwd's own cache of loaded kernels
@@ -84,6 +85,22 @@ def test_torch_compile_fullgraph_matches_eager_bitwise():
     compiled = torch.compile(step, fullgraph=True)(*args)
     torch.cuda.synchronize()
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_torch_compile_keeps_v_block():
+    inp = make_inputs(1, 48, 2, seed=55)
+
+    def step(q, k, v, g, beta, A_log, dt_bias):
+        out = torch.empty_like(v)
+        flash_kda.fwd(q, k, v, g, beta, 128 ** -0.5, out, A_log, dt_bias, -5.0, v_block=64)
+        return out
+
+    args = [inp[n] for n in NAMES] + [inp["A_log"], inp["dt_bias"]]
+    api._launchers.clear()
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    torch.cuda.synchronize()
+    assert [key[-1] for key in api._launchers] == [64]
+    assert torch.equal(compiled, step(*args))
 
 
 def test_launch_follows_the_current_stream():

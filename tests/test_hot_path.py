@@ -271,3 +271,10 @@ def test_env_flag_for_cu_seqlens_is_read_at_import(device, monkeypatch):
         flash_kda.fwd(**inputs(varlen=[0, 9, 4, 16]))
     flash_kda.fwd(**inputs(varlen=[0, 9, 4, 16]), check_cu_seqlens=False)
     assert len(device[1]) == 1
+
+
+def test_custom_op_carries_the_tuning_knobs():
+    """Under torch.compile, fwd goes through torch.ops.flash_kda.fwd: v_block and
+    check_cu_seqlens must survive that route."""
+    schema = str(torch.ops.flash_kda.fwd.default._schema)
+    assert "? v_block=None" in schema and "bool? check_cu_seqlens=None" in schema, schema
