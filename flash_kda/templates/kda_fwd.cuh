@@ -181,6 +181,15 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
                                             d[0], d[1], d[2], d[3]);
 }
 
+// Where lane `lane` points ldmatrix.x4 inside a 16x16 bf16 tile, for the 16x8x16 MMA:
+//   * ldsm_a_lane: the A fragment (rows = M); also B from a [k][n] tile with the .trans load;
+//   * ldsm_b_lane: the two B fragments n 0-7 and 8-15 from a [n][k] tile.
+struct LdsmLane {
+  int row, col;
+};
+__device__ __forceinline__ LdsmLane ldsm_a_lane(int lane) { return {(lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8}; }
+__device__ __forceinline__ LdsmLane ldsm_b_lane(int lane) { return {(lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8}; }
+
 __device__ __forceinline__ void ldsm_x4(const void* smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                         uint32_t& r3) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
@@ -443,15 +452,14 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int c
 
     // L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels).
     const int gq = lane >> 2, tq = lane & 3;
+    const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
     float accL[2][4] = {}, accM[2][4] = {};
 #pragma unroll
     for (int ks = 0; ks < kHeadK / 16; ++ks) {
-      const int arow = (lane & 7) + ((lane >> 3) & 1) * 8, acol = ks * 16 + (lane >> 4) * 8;
-      const int brow = (lane & 7) + (lane >> 4) * 8, bcol = ks * 16 + ((lane >> 3) & 1) * 8;
       uint32_t kdf[4], qdf[4], kib[4];
-      ldsm_x4(&st.kd[arow][acol], kdf[0], kdf[1], kdf[2], kdf[3]);
-      ldsm_x4(&st.qd[arow][acol], qdf[0], qdf[1], qdf[2], qdf[3]);
-      ldsm_x4(&raw.g_ki[brow][bcol], kib[0], kib[1], kib[2], kib[3]);
+      ldsm_x4(&st.kd[al.row][ks * 16 + al.col], kdf[0], kdf[1], kdf[2], kdf[3]);
+      ldsm_x4(&st.qd[al.row][ks * 16 + al.col], qdf[0], qdf[1], qdf[2], qdf[3]);
+      ldsm_x4(&raw.g_ki[bl.row][ks * 16 + bl.col], kib[0], kib[1], kib[2], kib[3]);
       mma16816(accL[0], kdf, kib[0], kib[1]);
       mma16816(accL[1], kdf, kib[2], kib[3]);
       mma16816(accM[0], qdf, kib[0], kib[1]);
@@ -522,6 +530,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
   constexpr int kCluster = Config<VB>::kCluster;
   constexpr int kTiles = kHeadK / 8;  // 16 accumulator tiles of 16x8 across the key axis
   const int gq = lane >> 2, tq = lane & 3;
+  const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);  // ldmatrix.x4 lane addresses
   const int row_lo = v0 + cw * 16 + gq;  // value row of accumulator elements 0,1 (elements 2,3: +8)
   const long long state_base = (static_cast<long long>(seq) * p.num_heads + h) * kHeadV * kHeadK;
 
@@ -554,10 +563,9 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     for (int ks = 0; ks < kHeadK / 16; ++ks) {
       uint32_t af[4] = {pack_bf16(S[2 * ks][0], S[2 * ks][1]), pack_bf16(S[2 * ks][2], S[2 * ks][3]),
                         pack_bf16(S[2 * ks + 1][0], S[2 * ks + 1][1]), pack_bf16(S[2 * ks + 1][2], S[2 * ks + 1][3])};
-      const int brow = (lane & 7) + (lane >> 4) * 8, bcol = ks * 16 + ((lane >> 3) & 1) * 8;
       uint32_t kb[4], qb[4];
-      ldsm_x4(&st.kd[brow][bcol], kb[0], kb[1], kb[2], kb[3]);
-      ldsm_x4(&st.qd[brow][bcol], qb[0], qb[1], qb[2], qb[3]);
+      ldsm_x4(&st.kd[bl.row][ks * 16 + bl.col], kb[0], kb[1], kb[2], kb[3]);
+      ldsm_x4(&st.qd[bl.row][ks * 16 + bl.col], qb[0], qb[1], qb[2], qb[3]);
       mma16816(W[0], af, kb[0], kb[1]);
       mma16816(W[1], af, kb[2], kb[3]);
       mma16816(O[0], af, qb[0], qb[1]);
@@ -568,7 +576,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     uint32_t xf[4];
     {
       uint32_t vf[4];
-      ldsm_x4_t(&st.v[(lane & 7) + (lane >> 4) * 8][cw * 16 + ((lane >> 3) & 1) * 8], vf[0], vf[1], vf[2], vf[3]);
+      ldsm_x4_t(&st.v[bl.row][cw * 16 + bl.col], vf[0], vf[1], vf[2], vf[3]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int nt = e >> 1, hh = e & 1;
@@ -580,7 +588,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     float U[2][4] = {};
     {
       uint32_t tb[4];
-      ldsm_x4(&st.t[(lane & 7) + (lane >> 4) * 8][((lane >> 3) & 1) * 8], tb[0], tb[1], tb[2], tb[3]);
+      ldsm_x4(&st.t[bl.row][bl.col], tb[0], tb[1], tb[2], tb[3]);
       mma16816(U[0], xf, tb[0], tb[1]);
       mma16816(U[1], xf, tb[2], tb[3]);
     }
@@ -589,7 +597,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     // O^T += U^T M^T: B[k][n] = M[n][k].
     {
       uint32_t mb[4];
-      ldsm_x4(&st.m[(lane & 7) + (lane >> 4) * 8][((lane >> 3) & 1) * 8], mb[0], mb[1], mb[2], mb[3]);
+      ldsm_x4(&st.m[bl.row][bl.col], mb[0], mb[1], mb[2], mb[3]);
       mma16816(O[0], uf, mb[0], mb[1]);
       mma16816(O[1], uf, mb[2], mb[3]);
     }
@@ -597,7 +605,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
 #pragma unroll
     for (int n = 0; n < kTiles; n += 2) {
       uint32_t rb[4];
-      ldsm_x4_t(&st.kr[(lane & 7) + ((lane >> 3) & 1) * 8][n * 8 + (lane >> 4) * 8], rb[0], rb[1], rb[2], rb[3]);
+      ldsm_x4_t(&st.kr[al.row][n * 8 + al.col], rb[0], rb[1], rb[2], rb[3]);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const float2 gm = *reinterpret_cast<const float2*>(&st.gamma[(n + j) * 8 + tq * 2]);
