@@ -9,6 +9,7 @@ import torch
 from . import checks
 from .jit import get_kernel
 from .jit.params import ParamBlock, pack
+from .jit.arch import ARCHS, arch_for_capability
 from .jit.runtime import LoadedKernel
 from .jit.spec import V_BLOCKS, KernelSpec
 
@@ -55,11 +56,14 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) 
 
 @functools.lru_cache(maxsize=None)
 def device_arch(device_index: int) -> str:
+    """The compiler target for the GPU ``cuda:device_index`` (from the arch table)."""
     major, minor = torch.cuda.get_device_capability(device_index)
-    if (major, minor) != (9, 0):
-        raise RuntimeError(f"flash_kda: cuda:{device_index} has compute capability {major}.{minor}; the kernels "
-                           "use SM90 features and support only compute capability 9.0 (H100/H200/H20/H800)")
-    return "sm_90a"
+    arch = arch_for_capability(major, minor)
+    if arch is None:
+        raise RuntimeError(f"flash_kda: cuda:{device_index} ({torch.cuda.get_device_name(device_index)}) has compute "
+                           f"capability {major}.{minor}, for which no kernels exist; supported targets: "
+                           + "; ".join(f"{a.target} ({a.gpus})" for a in ARCHS.values()))
+    return arch.target
 
 
 def _stream_handle(device_index: int):
@@ -74,9 +78,7 @@ def _stream_handle(device_index: int):
 
 def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
               v_block: int) -> tuple[LoadedKernel, int]:
-    """Slow path of the launcher cache: validate ``v_block``, load (or compile) the kernel."""
-    if v_block not in V_BLOCKS:
-        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block!r}")
+    """Slow path of the launcher cache: load (or compile) the kernel."""
     spec = _spec(state_in, state_out, varlen, v_block, device_arch(device_index))
     launcher = (get_kernel(spec, device_index), spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block)] = launcher
@@ -100,7 +102,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         initial_state: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, *, check_cu_seqlens: bool | None = None,
         v_block: int | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """KDA forward (SPEC section 1), drop-in for upstream FlashKDA's ``flash_kda.fwd``.
+    """KDA forward (docs/algorithm.md), drop-in for upstream FlashKDA's ``flash_kda.fwd``.
 
     Writes ``out`` [B, T, H, V] (and ``final_state`` [N, H, V, K] when given, which may be the
     very tensor passed as ``initial_state``) and returns ``out``. ``check_cu_seqlens=True`` (or
@@ -110,7 +112,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     Under ``torch.compile`` the call goes through the ``flash_kda::fwd`` custom op.
     """
     if torch.compiler.is_compiling():
-        torch.ops.flash_kda.fwd(q, k, v, g, beta, float(scale), out, A_log, dt_bias, lower_bound, initial_state,
+        torch.ops.flash_kda.fwd(q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound, initial_state,
                                 final_state, cu_seqlens, check_cu_seqlens, v_block)
         return out
     return fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
@@ -118,7 +120,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
 
 
 def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state=None, final_state=None,
-              cu_seqlens=None, *, check_cu_seqlens: bool | None = None, v_block: int | None = None) -> torch.Tensor:
+              cu_seqlens=None, *, check_cu_seqlens: bool | None = None, v_block: int | None = None,
+              where: str = checks.FWD) -> torch.Tensor:
     """``fwd`` without the torch.compile routing: check, pick the kernel, launch.
 
     This is the per-call hot path (a few microseconds of host time is the budget): one pass
@@ -128,13 +131,13 @@ def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial
                                 final_state, cu_seqlens)
     if problem is None:
         return _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                               final_state, cu_seqlens, check_cu_seqlens, v_block)
+                               final_state, cu_seqlens, check_cu_seqlens, v_block, where)
     index, N, T, H, total_tokens, state_in, state_out = problem
     if cu_seqlens is None:
         varlen, cu_ptr, cu_int64 = False, 0, 0
     else:
         if check_cu_seqlens or (check_cu_seqlens is None and checks.CHECK_CU_SEQLENS):
-            checks.validate_cu_seqlens(cu_seqlens, total_tokens)
+            checks.validate_cu_seqlens(cu_seqlens, total_tokens, where)
         varlen, cu_ptr, cu_int64 = True, cu_seqlens.data_ptr(), cu_seqlens.dtype is torch.int64
     units = N * H
     if units == 0:
@@ -142,8 +145,8 @@ def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial
     if v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
-    elif v_block not in V_BLOCKS:
-        raise ValueError(f"flash_kda.fwd: v_block must be one of {V_BLOCKS}, got {v_block!r}")
+    elif type(v_block) is not int or v_block not in V_BLOCKS:
+        v_block = checks.check_v_block(v_block, where)  # raises, or normalises a NumPy integer
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
@@ -168,23 +171,25 @@ def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial
 
 
 def _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
-                    cu_seqlens, check_cu_seqlens: bool | None, v_block: int | None) -> torch.Tensor:
+                    cu_seqlens, check_cu_seqlens: bool | None, v_block: int | None, where: str) -> torch.Tensor:
     """The inputs ``checks.fast_check`` did not take: raise the precise error, or normalise
     (contiguous copies, float scale and lower_bound) and launch through the hot path."""
     checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
-                        cu_seqlens)
+                        cu_seqlens, where)
+    if v_block is not None:
+        v_block = checks.check_v_block(v_block, where)
     # the copies stay referenced until the launch has been enqueued (the caching allocator then
     # keeps their memory valid in stream order); an in-place state is contiguous (checked)
     q, k, v, g, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(g), _contiguous(beta)
     A_log, dt_bias, cu_seqlens = _contiguous(A_log), _contiguous(dt_bias), _contiguous(cu_seqlens)
-    scale, lower_bound = float(scale), float(lower_bound)
+    scale, lower_bound = checks.check_scale(scale, where), checks.check_lower_bound(lower_bound, where)
     args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
     if checks.fast_check(*args) is None:  # would recurse forever: the two checkers disagree
         described = [(x.dtype, tuple(x.shape), x.device, x.stride()) if isinstance(x, torch.Tensor) else x
                      for x in args]
         raise RuntimeError("flash_kda.fwd: internal error: checks.fast_check refuses inputs that "
                            f"checks.check_inputs accepted, after normalising them: {described}")
-    return fwd_eager(*args, check_cu_seqlens=check_cu_seqlens, v_block=v_block)
+    return fwd_eager(*args, check_cu_seqlens=check_cu_seqlens, v_block=v_block, where=where)
 
 
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -192,15 +197,22 @@ def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         lower_bound: float | None = -5.0, initial_state: torch.Tensor | None = None,
         output_final_state: bool = False, final_state_dtype: torch.dtype = torch.float32,
         cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Convenience form in the style of FLA's ``chunk_kda``: allocates and returns (out, final_state or None)."""
+    """Convenience form in the style of FLA's ``chunk_kda``: allocates and returns (out, final_state or None).
+
+    ``kwargs`` are ``fwd``'s keyword-only extras (``check_cu_seqlens``, ``v_block``)."""
+    where = "flash_kda.kda"
+    checks.check_allocation_inputs(q, v, cu_seqlens, where)  # what the allocations below read
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out = torch.empty_like(v)
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
     final_state = None
     if output_final_state:
         N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
         final_state = torch.empty(N, q.shape[2], v.shape[-1], q.shape[-1], dtype=final_state_dtype,
                                   device=q.device)
-    fwd(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens,
-        **kwargs)
+    args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
+    if torch.compiler.is_compiling():
+        fwd(*args, **kwargs)
+    else:
+        fwd_eager(*args, **kwargs, where=where)
     return out, final_state

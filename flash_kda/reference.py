@@ -1,4 +1,4 @@
-"""float64 reference of the KDA forward: the token recurrence of SPEC section 1.
+"""float64 reference of the KDA forward: the token recurrence of docs/algorithm.md, section 1.
 
 Slow and simple on purpose; runs on CPU or GPU. Sequences are processed together
 (padded, masked) so that tests with many heads or sequences stay fast.

@@ -1,5 +1,10 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper modules of the tests
 
 
 def _has_sm90() -> bool:
@@ -13,3 +18,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def baked_cache(tmp_path_factory) -> Path:
+    """Every specialisation compiled once for the session by NVRTC, in parallel worker processes
+    (the precompile path); tests that need real cubins or a complete cache share it."""
+    import flash_kda
+    directory = tmp_path_factory.mktemp("baked_cache")
+    entries = flash_kda.precompile(cache_dir=directory, compiler="nvrtc")
+    assert entries and all(e.compiled for e in entries)
+    return directory

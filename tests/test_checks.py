@@ -1,4 +1,4 @@
-"""Input validation (SPEC section 4) runs before any compile or launch; exercised here on CPU tensors."""
+"""Input validation (docs/contract.md, "Bad input") runs before any compile or launch; exercised here on CPU tensors."""
 from __future__ import annotations
 
 import pytest
@@ -31,7 +31,7 @@ def test_cpu_tensors_are_rejected_with_the_device_named():
     ("beta", torch.zeros(1, 16, 2, 1, dtype=torch.bfloat16), ValueError, r"beta must be of shape \[1, 16, 2\]"),
     ("A_log", torch.zeros(3), ValueError, r"A_log must be of shape \[2\], got \[3\]"),
     ("dt_bias", torch.zeros(2, 128, dtype=torch.bfloat16), TypeError, r"dt_bias must be of dtype torch.float32"),
-    ("scale", float("nan"), TypeError, r"scale must be a finite float"),
+    ("scale", float("nan"), ValueError, r"scale must be finite and within the float32 range"),
     ("initial_state", torch.zeros(1, 2, 128, 128, dtype=torch.float16), TypeError,
      r"initial_state must be bfloat16 or float32"),
     ("final_state", torch.zeros(2, 2, 128, 128), ValueError, r"final_state must be of shape \[1, 2, 128, 128\]"),

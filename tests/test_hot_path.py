@@ -128,11 +128,19 @@ def _bad_cases():
     yield dict(dt_bias=torch.zeros(2, 128, dtype=bf)), TypeError, r"dt_bias must be of dtype torch.float32"
     yield dict(dt_bias=torch.zeros(2, 64)), ValueError, r"dt_bias must be of shape \[2, 128\]"
     yield dict(dt_bias=[0.0] * 256), TypeError, r"dt_bias must be a torch.Tensor or None"
-    yield dict(scale=float("nan")), TypeError, r"scale must be a finite float"
-    yield dict(scale=float("inf")), TypeError, r"scale must be a finite float"
-    yield dict(scale=True), TypeError, r"scale must be a finite float"
-    yield dict(scale="0.1"), TypeError, r"scale must be a finite float"
-    yield dict(scale=1e39), ValueError, r"scale must be within the float32 range"
+    yield dict(scale=float("nan")), ValueError, r"scale must be finite and within the float32 range"
+    yield dict(scale=float("inf")), ValueError, r"scale must be finite and within the float32 range"
+    yield dict(scale=True), TypeError, r"scale must be a real number \(float\), got bool True"
+    yield dict(scale="0.1"), TypeError, r"scale must be a real number \(float\), got str '0.1'"
+    yield dict(scale=[0.1]), TypeError, r"scale must be a real number \(float\), got list"
+    yield dict(scale=0.1 + 0j), TypeError, r"scale must be a real number \(float\), got complex"
+    yield dict(scale=10 ** 400), ValueError, r"scale must be finite and within the float32 range"
+    yield dict(scale=1e39), ValueError, r"scale must be finite and within the float32 range"
+    yield dict(lower_bound=True), TypeError, r"lower_bound must be a real number \(float\) or None, got bool"
+    yield dict(lower_bound="-5"), TypeError, r"lower_bound must be a real number \(float\) or None, got str"
+    yield dict(lower_bound=[-5.0]), TypeError, r"lower_bound must be a real number \(float\) or None, got list"
+    yield dict(lower_bound=-5 + 0j), TypeError, r"lower_bound must be a real number \(float\) or None, got complex"
+    yield dict(lower_bound=-10 ** 400), ValueError, r"lower_bound must lie in \[-5.0, 0.0\]"
     yield dict(lower_bound=0.5), ValueError, r"lower_bound must lie in \[-5.0, 0.0\]"
     yield dict(lower_bound=float("nan")), ValueError, r"lower_bound must lie in"
     yield dict(lower_bound=None), NotImplementedError, "softplus"
@@ -239,9 +247,19 @@ def test_choose_v_block_keeps_the_sweep_rule(monkeypatch):
 def test_bad_v_block_is_refused_before_launch(device):
     with pytest.raises(ValueError, match=r"v_block must be one of \(32, 64, 128\), got 48"):
         flash_kda.fwd(**inputs(), v_block=48)
-    with pytest.raises(ValueError, match=r"v_block must be one of"):
+    with pytest.raises(TypeError, match=r"v_block must be None or an int in \(32, 64, 128\), got list"):
         flash_kda.fwd(**inputs(), v_block=[32])
+    with pytest.raises(TypeError, match=r"v_block must be None or an int in \(32, 64, 128\), got float 64.0"):
+        flash_kda.fwd(**inputs(), v_block=64.0)
+    with pytest.raises(TypeError, match=r"v_block must be None or an int in \(32, 64, 128\), got bool"):
+        flash_kda.fwd(**inputs(), v_block=True)
     assert device[1] == []
+
+
+def test_numpy_integer_v_block_is_taken_as_an_int(device):
+    flash_kda.fwd(**inputs(), v_block=np.int64(64))
+    (spec, _, _, _), = device[1]
+    assert spec.v_block == 64 and type(spec.v_block) is int
 
 
 def test_empty_problems_launch_nothing(device):
@@ -278,3 +296,54 @@ def test_custom_op_carries_the_tuning_knobs():
     check_cu_seqlens must survive that route."""
     schema = str(torch.ops.flash_kda.fwd.default._schema)
     assert "? v_block=None" in schema and "bool? check_cu_seqlens=None" in schema, schema
+
+
+def _nested():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prototype-API warning of torch.nested
+        return torch.nested.nested_tensor([torch.zeros(16, 2, 128, dtype=torch.bfloat16)] * 1)
+
+
+@pytest.mark.parametrize("name,make,pattern", [
+    ("q", _nested, r"q must be a dense \(strided\) torch.Tensor, got a nested tensor"),
+    ("k", lambda: torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16).to_sparse(),
+     r"k must be a dense \(strided\) torch.Tensor, got a tensor of layout torch.sparse_coo"),
+    ("initial_state", lambda: torch.zeros(1, 2, 128, 128).to_sparse(),
+     r"initial_state must be a dense \(strided\) torch.Tensor, got a tensor of layout torch.sparse_coo"),
+])
+def test_nested_and_sparse_tensors_are_named(device, name, make, pattern):
+    args = inputs()
+    args[name] = make()
+    assert checks.fast_check(**args) is None
+    with pytest.raises(TypeError, match=pattern):
+        flash_kda.fwd(**args)
+    assert device[1] == []
+
+
+def test_mixed_devices_name_every_offender(device):
+    args = inputs()
+    args["k"] = args["k"].to("meta")
+    devices = device[0]
+    devices[id(args["k"])] = -1  # meta: get_device() is -1, as on CPU
+    devices[id(args["beta"])] = -1  # a CPU tensor among (stubbed) cuda:0 ones
+    with pytest.raises(ValueError, match=r"k, beta must be on the device of q \(cuda:0\), got k on meta, beta on cpu"):
+        flash_kda.fwd(**args)
+    devices[id(args["q"])] = -1  # q itself on the CPU, the rest (but k and beta) on cuda:0
+    with pytest.raises(ValueError, match=r"every tensor must be on one CUDA device, got q on cpu, k on meta, "
+                                         r"beta on cpu \(and the others on cuda:0\)"):
+        flash_kda.fwd(**args)
+    assert device[1] == []
+
+
+def test_errors_from_kda_name_kda(device):
+    args = inputs()
+    with pytest.raises(TypeError, match=r"^flash_kda\.kda: k must be of dtype torch.bfloat16"):
+        flash_kda.kda(args["q"], args["k"].float(), args["v"], args["g"], args["beta"], lower_bound=-5.0)
+    with pytest.raises(TypeError, match=r"^flash_kda\.kda: q must be a torch.Tensor, got ndarray"):
+        flash_kda.kda(args["q"].float().numpy(), args["k"], args["v"], args["g"], args["beta"])
+    with pytest.raises(ValueError, match=r"^flash_kda\.kda: lower_bound must lie in"):
+        flash_kda.kda(args["q"], args["k"], args["v"], args["g"], args["beta"], lower_bound=-7.0)
+    with pytest.raises(TypeError, match=r"^flash_kda\.kda: v_block must be None or an int"):
+        flash_kda.kda(args["q"], args["k"], args["v"], args["g"], args["beta"], v_block=32.0)
+    assert device[1] == []

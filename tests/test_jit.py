@@ -1,5 +1,6 @@
-"""The JIT for real on the CPU machine: NVRTC compiles every specialisation for sm_90a; the cache
-locks, publishes atomically, detects damage; precompile and the CLI work without a GPU."""
+"""The JIT for real on the CPU machine: NVRTC compiles every specialisation for sm_90a (the
+session's ``baked_cache``, through precompile's worker processes); the cache locks, publishes
+atomically, detects damage; precompile and the CLI work without a GPU."""
 from __future__ import annotations
 
 import json
@@ -12,18 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from flash_kda.jit import CacheMissError, CompileError, KernelCache, KernelSpec, all_specs, build, get_compiler
+from flash_kda.errors import CacheMissError, CompileError
+from flash_kda.jit import KernelCache, KernelSpec, all_specs, build, get_compiler
 from flash_kda.jit import cache as cache_mod
 from flash_kda.jit.compiler import NVRTCCompiler
 from flash_kda.jit.spec import KERNEL_NAME
 
+from cache_helpers import FakeCompiler as CountingCompiler
+
 ALL_SPECS = list(all_specs(("sm_90a",)))
 SMALL = KernelSpec(state_in="fp32", state_out="fp32", varlen=True, v_block=64)
-
-
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("flash_kda_cache")
 
 
 def _is_sm90a_cubin(data: bytes) -> bool:
@@ -32,24 +31,12 @@ def _is_sm90a_cubin(data: bytes) -> bool:
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=[s.name for s in ALL_SPECS])
-def test_nvrtc_compiles_specialisation(spec, session_cache):
-    cubin, path, compiled = build(spec, cache=KernelCache(session_cache), compiler=NVRTCCompiler())
-    assert compiled and _is_sm90a_cubin(cubin)
+def test_nvrtc_compiled_specialisation(spec, baked_cache):
+    """Every specialisation was compiled by NVRTC (in ``baked_cache``) into a loadable-looking cubin
+    that carries its own name, and is a hit now."""
+    cubin, path, compiled = build(spec, cache=KernelCache(baked_cache), compiler=NVRTCCompiler(), allow_build=False)
+    assert not compiled and _is_sm90a_cubin(cubin) and spec.identity_tag() in cubin
     assert path.is_file() and path.with_suffix(".json").is_file()
-
-
-def test_second_build_is_a_cache_hit(session_cache):
-    cubin, _, compiled = build(SMALL, cache=KernelCache(session_cache), compiler=NVRTCCompiler())
-    assert not compiled and _is_sm90a_cubin(cubin)
-
-
-class CountingCompiler(NVRTCCompiler):
-    def __init__(self):
-        self.calls = 0
-
-    def compile(self, spec):
-        self.calls += 1
-        return b"\x7fELF fake cubin " + spec.name.encode() + b" " + KERNEL_NAME.encode()
 
 
 def test_entry_publish_is_atomic_and_complete(tmp_path):
@@ -118,7 +105,7 @@ def test_compile_error_carries_log_and_entry_path(tmp_path, monkeypatch):
     monkeypatch.setattr(KernelSpec, "source", lambda self: "this is not CUDA;\n")
     with pytest.raises(CompileError) as info:
         build(SMALL, cache=KernelCache(tmp_path), compiler=NVRTCCompiler())
-    assert "error" in info.value.log and str(tmp_path) in str(info.value)
+    assert "error" in info.value.log and str(tmp_path) in str(info.value) and info.value.spec_name == SMALL.name
 
 
 def test_compiler_newer_than_driver_is_refused(monkeypatch):
@@ -134,7 +121,7 @@ def test_compiler_choice(monkeypatch):
     monkeypatch.setenv("FLASH_KDA_COMPILER", "nvcc")
     assert get_compiler().name == "nvcc"
     monkeypatch.setenv("FLASH_KDA_COMPILER", "clang")
-    with pytest.raises(ValueError, match="FLASH_KDA_COMPILER"):
+    with pytest.raises(ValueError, match=r"^flash_kda: FLASH_KDA_COMPILER must be one of nvrtc, nvcc, got 'clang'$"):
         get_compiler()
 
 
@@ -145,9 +132,9 @@ def test_nvcc_compiles_one_specialisation(tmp_path):
     assert compiled and _is_sm90a_cubin(cubin)
 
 
-def test_precompile_api_reports_every_entry(session_cache):
+def test_precompile_api_reports_every_entry(baked_cache):
     import flash_kda
-    entries = flash_kda.precompile(archs=("sm_90a",), cache_dir=session_cache)
+    entries = flash_kda.precompile(archs=("sm_90a",), cache_dir=baked_cache)
     assert len(entries) == len(ALL_SPECS) and not any(e.compiled for e in entries)  # compiled above
 
 
@@ -156,14 +143,14 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=900)
 
 
-def test_cli_precompile_info_and_clear(session_cache, tmp_path):
-    res = _cli("precompile", "--arch", "sm_90a", "--cache-dir", str(session_cache))
+def test_cli_precompile_info_and_clear(baked_cache, tmp_path):
+    res = _cli("precompile", "--arch", "sm_90a", "--cache-dir", str(baked_cache))
     assert res.returncode == 0, res.stderr
     assert f"{len(ALL_SPECS)} entries (0 compiled, {len(ALL_SPECS)} already cached)" in res.stdout
-    res = _cli("info", "--cache-dir", str(session_cache))
+    res = _cli("info", "--cache-dir", str(baked_cache))
     assert res.returncode == 0 and f"({len(ALL_SPECS)} entries" in res.stdout and "nvidia-cutlass" in res.stdout
     copy = tmp_path / "copy"
     import shutil
-    shutil.copytree(session_cache, copy)
+    shutil.copytree(baked_cache, copy)
     res = _cli("clear-cache", "--cache-dir", str(copy))
     assert res.returncode == 0 and f"removed {len(ALL_SPECS)} entries" in res.stdout

@@ -1,4 +1,4 @@
-"""The float64 reference against an independent chunked float64 computation (SPEC section 2)."""
+"""The float64 reference against an independent chunked float64 computation (docs/algorithm.md, section 2)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,7 @@ from kda_inputs import make_inputs
 
 def chunked_kda(q, k, v, g, beta, scale, A_log, dt_bias, lower_bound, initial_state=None, cu_seqlens=None,
                 chunk=16):
-    """SPEC section 2 in float64: per chunk, U = (I + L)^-1 diag(beta) (V - Kd S^T), O = Qd S^T + M U."""
+    """docs/algorithm.md section 2 in float64: per chunk, U = (I + L)^-1 diag(beta) (V - Kd S^T), O = Qd S^T + M U."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     qn, kn, vv = l2_normalize(q), l2_normalize(k), v.double()

@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from .cache import CacheMissError, KernelCache, cache_key, default_cache_dir
-from .compiler import CompileError, Compiler, get_compiler
+from ..errors import CacheMissError, CompileError
+from .cache import KernelCache, cache_key, default_cache_dir
+from .compiler import Compiler, get_compiler
 from .runtime import LoadedKernel, check_compiler_fits_driver
 from .spec import KernelSpec, all_specs
 
@@ -25,7 +26,7 @@ _loaded: dict[tuple[KernelSpec, int], LoadedKernel] = {}
 _lock = threading.Lock()
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
@@ -37,21 +38,23 @@ def build(spec: KernelSpec, cache: KernelCache | None = None, compiler: Compiler
     cache = cache or KernelCache()
     compiler = compiler or get_compiler()
     identity = compiler.identity(spec)
-    key = cache_key(spec, identity)
+    key = cache_key(spec, identity, compiler.header_digest())
     if allow_build is None:
-        allow_build = not _env_flag("FLASH_KDA_DISABLE_JIT")
+        allow_build = not env_flag("FLASH_KDA_DISABLE_JIT")
 
     def compile_now() -> bytes:
         start = time.perf_counter()
         try:
             cubin = compiler.compile(spec)
         except CompileError as exc:
-            exc.entry = str(cache.entry_path(spec, key, cache.write_dir))
-            raise CompileError(spec, compiler.name, exc.log, exc.entry) from None
+            raise CompileError(spec.name, compiler.name, exc.log, str(cache.entry_path(spec, key, cache.write_dir))) \
+                from None
         log.info("flash_kda: compiled %s with %s in %.1f s", spec.name, identity, time.perf_counter() - start)
         return cubin
 
-    return cache.get_or_build(spec, key, compile_now, allow_build=allow_build, identity=identity)
+    # the precompile command that would fill this miss: the compiler is part of the key
+    hint = f" --compiler {compiler.name}" if compiler.name != "nvrtc" else ""
+    return cache.get_or_build(spec, key, compile_now, allow_build=allow_build, identity=identity, miss_hint=hint)
 
 
 def get_kernel(spec: KernelSpec, device_index: int) -> LoadedKernel:

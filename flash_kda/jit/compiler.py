@@ -1,10 +1,12 @@
 """Compile one kernel specialisation to a cubin: NVRTC (default) or nvcc.
 
-A compiler is identified by ``identity()`` (name, version, flags); that string enters
-the cache key, so a different compiler or flag never reuses a stale binary.
+A compiler is identified by ``identity()`` (name, version, flags without include paths) and
+``header_digest()`` (the bytes of the headers it reads from those paths); both enter the cache
+key, so a different compiler, flag or edited header never reuses a stale binary.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -12,25 +14,22 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .headers import include_dirs
+from ..errors import CompileError, CompilerUnavailableError
+from .headers import header_digest, include_dirs
 from .spec import KernelSpec, template_sources
 
 log = logging.getLogger("flash_kda.jit")
 
 COMMON_FLAGS = ("-std=c++17", "-DNDEBUG")
-
-
-class CompileError(RuntimeError):
-    """A kernel failed to compile; carries the compiler log and the cache entry path."""
-
-    def __init__(self, spec: KernelSpec, compiler: str, compile_log: str, entry: str | None = None):
-        self.spec, self.compiler, self.log, self.entry = spec, compiler, compile_log, entry
-        where = f" (cache entry {entry})" if entry else ""
-        super().__init__(f"flash_kda: {compiler} failed to compile {spec.name}{where}:\n{compile_log}")
+NVRTC_PACKAGE = "nvidia-cuda-nvrtc"
+NVCC_DIRS = ("/usr/local/cuda/bin",)  # searched after $CUDA_HOME/bin and PATH
 
 
 class Compiler:
     name = "base"
+
+    def __init__(self, selected_by: str = "") -> None:
+        self.selected_by = selected_by  # how the user chose it (for messages), e.g. "FLASH_KDA_COMPILER=nvcc"
 
     def version(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -42,9 +41,13 @@ class Compiler:
 
     def identity(self, spec: KernelSpec) -> str:
         major, minor = self.version()
-        # include paths are not part of the identity (the header bytes are hashed instead)
+        # include paths are left out: where the headers live does not change the binary, their bytes
+        # do, and those enter the key through header_digest()
         flags = [f for f in self.flags(spec) if not f.startswith("-I")]
         return f"{self.name}-{major}.{minor} {' '.join(flags)}"
+
+    def header_digest(self) -> str:
+        return header_digest(self.toolkit_headers)
 
     def compile(self, spec: KernelSpec) -> bytes:
         raise NotImplementedError
@@ -56,8 +59,14 @@ class NVRTCCompiler(Compiler):
     name = "nvrtc"
 
     def version(self) -> tuple[int, int]:
-        from cuda.bindings import nvrtc
-        err, major, minor = nvrtc.nvrtcVersion()
+        try:
+            from cuda.bindings import nvrtc
+            err, major, minor = nvrtc.nvrtcVersion()
+        except Exception as exc:  # noqa: BLE001 - ImportError, or cuda.pathfinder's DynamicLibNotFoundError
+            raise CompilerUnavailableError(
+                f"flash_kda: cannot load NVRTC, the default compiler ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Install it with pip install '{NVRTC_PACKAGE}>=13,<14' "
+                "(or use the CUDA toolkit's nvcc: FLASH_KDA_COMPILER=nvcc)") from exc
         _check_nvrtc(err, "nvrtcVersion")
         return int(major), int(minor)
 
@@ -76,7 +85,7 @@ class NVRTCCompiler(Compiler):
             opts = [f.encode() for f in self.flags(spec)]
             (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-                raise CompileError(spec, self.name, _program_log(prog))
+                raise CompileError(spec.name, self.name, _program_log(prog))
             err, size = nvrtc.nvrtcGetCUBINSize(prog)
             _check_nvrtc(err, "nvrtcGetCUBINSize")
             cubin = b" " * size
@@ -94,20 +103,21 @@ class NVCCCompiler(Compiler):
     toolkit_headers = False
 
     def _nvcc(self) -> str:
-        home = os.environ.get("CUDA_HOME")
-        candidate = Path(home, "bin", "nvcc") if home else None
-        if candidate is not None and candidate.is_file():
-            return str(candidate)
-        found = shutil.which("nvcc")
-        if found is None:
-            raise RuntimeError("flash_kda: FLASH_KDA_COMPILER=nvcc but nvcc is not on PATH and CUDA_HOME is unset")
-        return found
+        """nvcc from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin."""
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        candidates = [str(Path(home, "bin", "nvcc"))] if home else []
+        candidates += [shutil.which("nvcc"), *(os.path.join(d, "nvcc") for d in NVCC_DIRS)]
+        for candidate in candidates:
+            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        looked = ", ".join([*([f"{home}/bin"] if home else []), "PATH", *NVCC_DIRS])
+        chosen = f" (selected by {self.selected_by})" if self.selected_by else ""
+        raise CompilerUnavailableError(
+            f"flash_kda: nvcc not found{chosen}; looked on {looked}. Install the CUDA toolkit or set CUDA_HOME, "
+            "or use the default compiler, NVRTC")
 
     def version(self) -> tuple[int, int]:
-        out = subprocess.run([self._nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
-        release = out.split("release ")[1].split(",")[0]
-        major, minor = release.split(".")[:2]
-        return int(major), int(minor)
+        return _nvcc_version(self._nvcc())
 
     def flags(self, spec: KernelSpec) -> list[str]:
         compute = spec.arch.replace("sm_", "compute_")
@@ -122,8 +132,17 @@ class NVCCCompiler(Compiler):
             cmd = [self._nvcc(), "-cubin", *self.flags(spec), f"-I{tmp}", str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise CompileError(spec, self.name, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+                raise CompileError(spec.name, self.name, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
             return out.read_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> tuple[int, int]:
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    if proc.returncode != 0 or "release " not in proc.stdout:
+        raise CompilerUnavailableError(f"flash_kda: {nvcc} --version failed: {(proc.stderr or proc.stdout).strip()}")
+    major, minor = proc.stdout.split("release ")[1].split(",")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def _check_nvrtc(err, what: str) -> None:
@@ -144,9 +163,19 @@ def _program_log(prog) -> str:
 _COMPILERS = {"nvrtc": NVRTCCompiler, "nvcc": NVCCCompiler}
 
 
-def get_compiler(name: str | None = None) -> Compiler:
-    """The compiler named by ``name`` or ``FLASH_KDA_COMPILER`` (default NVRTC)."""
-    choice = (name or os.environ.get("FLASH_KDA_COMPILER") or "nvrtc").lower()
-    if choice not in _COMPILERS:
-        raise ValueError(f"FLASH_KDA_COMPILER must be one of {sorted(_COMPILERS)}, got {choice!r}")
-    return _COMPILERS[choice]()
+def get_compiler(name: str | None = None, *, selected_by: str | None = None) -> Compiler:
+    """The compiler named by ``name`` or else ``FLASH_KDA_COMPILER`` (default NVRTC).
+
+    ``selected_by`` says, in messages, how ``name`` was chosen (e.g. "--compiler nvcc")."""
+    if name is not None:
+        choice, source = name, selected_by or f"compiler={name!r}"
+    elif os.environ.get("FLASH_KDA_COMPILER", "").strip():
+        choice = os.environ["FLASH_KDA_COMPILER"].strip()
+        source = f"FLASH_KDA_COMPILER={choice}"
+    else:
+        choice, source = "nvrtc", ""
+    compiler_class = _COMPILERS.get(choice.lower()) if isinstance(choice, str) else None
+    if compiler_class is None:
+        what = source.split("=")[0] if source.startswith("FLASH_KDA_COMPILER") else "the compiler"
+        raise ValueError(f"flash_kda: {what} must be one of {', '.join(_COMPILERS)}, got {choice!r}")
+    return compiler_class(source)

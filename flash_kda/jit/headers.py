@@ -7,7 +7,9 @@ CUTLASS under ``cutlass_library/source/include``. ``CUDA_HOME`` is the fallback.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -97,5 +99,39 @@ def include_dirs(toolkit_headers: bool = True) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(p) for p in dirs))
 
 
-def template_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "templates"
+# every #include, also in comments and inactive branches: a superset of what a compile reads
+_INCLUDE = re.compile(rb'#[ \t]*include[ \t]*[<"]([^">\n]+)[">]')
+
+
+@functools.lru_cache(maxsize=None)
+def header_digest(toolkit_headers: bool = True) -> str:
+    """SHA-256 over the bytes of every header the templates can reach through ``include_dirs``.
+
+    Follows every ``#include`` (in every preprocessor branch, so a superset of what one compile
+    reads) from the templates, resolving like the compiler: the including file's directory for
+    quoted names, then the include directories in order. Names found in none of them (the
+    compiler's built-ins, e.g. <cstdint> under NVRTC) enter by name. About 100 files, tens of
+    milliseconds; computed once per process, on the first cache lookup, never per call."""
+    from .spec import template_sources
+    dirs = include_dirs(toolkit_headers)
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    unresolved: set[str] = set()
+    pending = [("", m.decode()) for body in template_sources().values() for m in _INCLUDE.findall(body.encode())]
+    while pending:
+        base, name = pending.pop()
+        for directory in ((base,) if base else ()) + dirs:
+            path = os.path.normpath(os.path.join(directory, name))
+            if os.path.isfile(path):
+                if path not in seen:
+                    seen.add(path)
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    parent = os.path.dirname(path)
+                    pending += [(parent, m.decode()) for m in _INCLUDE.findall(data)]
+                    digest.update(f"{name}\0{len(data)}\0".encode() + hashlib.sha256(data).digest())
+                break
+        else:
+            unresolved.add(name)
+    digest.update("\0".join(sorted(unresolved)).encode())
+    return digest.hexdigest()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Iterator
 
+from .arch import DEFAULT_TARGETS, check_target
+
 STATE_DTYPES = ("none", "bf16", "fp32")
 _STATE_CODE = {"none": 0, "bf16": 1, "fp32": 2}  # kStateNone / kStateBF16 / kStateFP32
 GATES = ("bounded",)
@@ -40,14 +42,20 @@ class KernelSpec:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if (self.head_k, self.head_v) != (HEAD_DIM, HEAD_DIM):
             raise ValueError(f"only K = V = {HEAD_DIM} is implemented, got K={self.head_k} V={self.head_v}")
-        if self.v_block not in V_BLOCKS:
-            raise ValueError(f"v_block must be one of {V_BLOCKS}, got {self.v_block}")
+        if type(self.v_block) is not int or self.v_block not in V_BLOCKS:
+            raise ValueError(f"v_block must be one of {V_BLOCKS} (an int), got {self.v_block!r}")
+        check_target(self.arch)
 
     @property
     def name(self) -> str:
         kind = "varlen" if self.varlen else "fixed"
         return (f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_"
                 f"in-{self.state_in}_out-{self.state_out}_{kind}_{self.arch}")
+
+    def identity_tag(self) -> bytes:
+        """Bytes every cubin of this spec carries (``source`` embeds them), so the cache can tell a
+        cubin that belongs to another specialisation even when its metadata was made to match."""
+        return f"flash_kda_spec:{self.name}".encode()
 
     @property
     def threads(self) -> int:
@@ -81,6 +89,7 @@ class KernelSpec:
             f"}}\n"
             f'extern "C" __device__ unsigned int flash_kda_smem_bytes = '
             f"sizeof(flash_kda::SharedStorage<{self.v_block}>);\n"
+            f'extern "C" __device__ const char flash_kda_spec[] = "{self.identity_tag().decode()}";\n'
         )
 
 
@@ -91,7 +100,7 @@ def template_sources() -> dict[str, str]:
             if entry.name.endswith((".cuh", ".h"))}
 
 
-def all_specs(archs: tuple[str, ...] = ("sm_90a",)) -> Iterator[KernelSpec]:
+def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[KernelSpec]:
     """Every specialisation the library may launch, for the given archs."""
     for arch, s_in, s_out, varlen, vb in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True), V_BLOCKS):
         yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch)

@@ -19,7 +19,7 @@
 //        S = S diag(Gamma) + U^T Kr,   out <- O.
 // Hand-off per slot through mbarriers: FULL in every CTA (32 producer-lane arrivals plus the
 // copied bytes) and EMPTY in the producing CTA (every consumer lane of the cluster arrives).
-// SPEC section 2 gives the algebra; all exponents are e^{+-G} with |G| <= 80 nats because
+// docs/algorithm.md derives the algebra; all exponents are e^{+-G} with |G| <= 80 nats because
 // lower_bound >= -5 and the chunk has 16 rows.
 #pragma once
 
@@ -45,7 +45,7 @@ constexpr int kStateBF16 = 1;
 constexpr int kStateFP32 = 2;
 
 // Kernel parameters, passed by value.  Field order and types must match
-// flash_kda/jit/launch.py (ctypes mirror).
+// flash_kda/jit/params.py (ctypes mirror).
 struct KdaParams {
   const bf16* q;
   const bf16* k;
