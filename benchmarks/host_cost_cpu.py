@@ -4,8 +4,9 @@ and current-device queries return 0, the kernel is a fake whose driver call does
 
 It splits the call into: the input checks (``fast_check``: the hot path; ``check_inputs``:
 the detailed checker, now only run for inputs the fast path does not take), the parameter
-packing, ``fwd_eager`` and ``fwd``, for T16 H1 with A_log and dt_bias, without state and
-with fp32 initial/final state (the BASELINES inputs). GPU-side numbers: host_cost.py.
+packing and ``fwd``, for T16 H1 with A_log and dt_bias, without state and
+with fp32 initial/final state (the BASELINES inputs), and a one-token decode step on a state
+pool addressed by ``state_indices`` (the serving path). GPU-side numbers: host_cost.py.
 Usage: python benchmarks/host_cost_cpu.py (in a process of its own: it patches torch)."""
 from __future__ import annotations
 
@@ -57,26 +58,32 @@ def main() -> None:
     h0 = torch.randn(1, 1, 128, 128)
     final = torch.empty_like(h0)
     rows = []
-    for label, states in (("no state", (None, None)), ("fp32 initial/final state", (h0, final))):
-        args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.088, out, inp["A_log"], inp["dt_bias"],
-                -5.0, *states, None)
-        assert checks.fast_check(*args) is not None, "the stubbed inputs should take the fast path"
+    pool = torch.zeros(4, 1, 128, 128)
+    step = make_inputs(1, 1, 1, device="cpu", seed=2)
+    step_out = torch.empty_like(step["v"])
+    cases = (("no state", inp, out, (None, None), {}), ("fp32 initial/final state", inp, out, (h0, final), {}),
+             ("decode T1, pool + state_indices", step, step_out, (pool, pool),
+              {"state_indices": torch.tensor([2], dtype=torch.int32)}))
+    for label, x, o, states, serving in cases:
+        args = (x["q"], x["k"], x["v"], x["g"], x["beta"], 0.088, o, x["A_log"], x["dt_bias"], -5.0, *states, None)
+        fast_args = (*args, tuple(serving.get(n) for n in ("state_indices", "has_initial_state", "num_accepted_tokens",
+                                                            "checkpoint_offsets", "checkpoint_state")) if serving else None)
+        assert checks.fast_check(*fast_args) is not None, "the stubbed inputs should take the fast path"
         block = ParamBlock()
         q, k, v, g, beta, scale, _, A_log, dt_bias, lower_bound, initial_state, final_state, _ = args
 
-        def pack_params() -> None:  # as fwd_eager does, data_ptr() calls included
+        def pack_params() -> None:  # the core parameters, as fwd packs them, data_ptr() calls included
             pack(block.params, 0, q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(),
-                 out.data_ptr(), A_log.data_ptr() if A_log is not None else 0,
+                 o.data_ptr(), A_log.data_ptr() if A_log is not None else 0,
                  dt_bias.data_ptr() if dt_bias is not None else 0,
                  initial_state.data_ptr() if initial_state is not None else 0,
-                 final_state.data_ptr() if final_state is not None else 0, 0, 16, 16, 1, 1, 0, scale, lower_bound)
+                 final_state.data_ptr() if final_state is not None else 0, 0, 16, 16, 1, 1, 0, scale, lower_bound, 0)
 
         rows.append((label, {
-            "fast_check": per_call_us(lambda: checks.fast_check(*args)),
-            "check_inputs (detailed)": per_call_us(lambda: checks.check_inputs(*args)),
-            "pack params (11 data_ptr + pack_into)": per_call_us(pack_params),
-            "fwd_eager": per_call_us(lambda: api.fwd_eager(*args)),
-            "fwd": per_call_us(lambda: flash_kda.fwd(*args)),
+            "fast_check": per_call_us(lambda: checks.fast_check(*fast_args)),
+            "check_inputs (detailed)": per_call_us(lambda: checks.check_inputs(*args, **serving)),
+            "pack core params (data_ptr + pack_into)": per_call_us(pack_params),
+            "fwd": per_call_us(lambda: flash_kda.fwd(*args, **serving)),
         }))
     print("host cost per call on this CPU, T16 H1, device calls stubbed (µs):")
     parts = list(rows[0][1])

@@ -1,4 +1,11 @@
-"""Public entry points: ``fwd`` (FlashKDA-compatible, writes into ``out``) and ``kda`` (allocates)."""
+"""Public entry points: ``fwd`` (FlashKDA-compatible, writes into ``out``) and ``kda`` (allocates).
+
+``fwd`` runs one of two kernel families (flash_kda/jit/spec.py): the chunked kernel for prefill,
+and the token-by-token kernel for short sequences (decode, speculative verify with per-token
+states). The serving arguments (state pools addressed by slot, ``has_initial_state``, per-token
+states, checkpoints, ``max_seqlen``) are keyword-only, so upstream FlashKDA's positional signature
+stays; docs/serving.md describes them.
+"""
 from __future__ import annotations
 
 import functools
@@ -8,17 +15,25 @@ import torch
 
 from . import checks
 from .jit import get_kernel
-from .jit.params import ParamBlock, pack
 from .jit.arch import ARCHS, arch_for_capability
+from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
+                         POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import V_BLOCKS, KernelSpec
+from .jit.spec import HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
 
-_specs: dict[tuple, KernelSpec] = {}
+# Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
+# max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
+# of 16 tokens) runs the chunked kernel when run alone: checkpoints are bitwise equal to it.
+DECODE_MAX_TOKENS = 15
+DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel
+
+_specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
-# (device, state_in, state_out, varlen, v_block) -> (loaded kernel, CTAs per (sequence, head)).
-# Plain-tuple keys: hashing a KernelSpec (a frozen dataclass) costs more than the whole lookup.
+# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs per (sequence, head)).
+# Plain-tuple keys: hashing a spec (a frozen dataclass) costs more than the whole lookup.
 _launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
 _local = threading.local()
+_is_compiling = torch.compiler.is_compiling
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,12 +60,14 @@ def choose_v_block(units: int, device_index: int) -> int:
     return 128 if units >= t128 else 64 if units >= t64 else 32
 
 
-def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> KernelSpec:
+def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> AnySpec:
     key = (state_in, state_out, varlen, v_block, arch)
     spec = _specs.get(key)
     if spec is None:
-        spec = _specs[key] = KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
-                                        arch=arch)
+        spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch)
+                              if v_block == DECODE else
+                              KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
+                                         arch=arch))
     return spec
 
 
@@ -85,14 +102,10 @@ def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
     return launcher
 
 
-def _contiguous(x):
-    return x if x is None or x.is_contiguous() else x.contiguous()
-
-
 def workspace_size(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> int:
     """Bytes of scratch memory ``fwd`` needs for these shapes: always 0.
 
-    The kernel is fused (no workspace round trip), so callers that preallocate for CUDA
+    The kernels are fused (no workspace round trip), so callers that preallocate for CUDA
     graphs may pass ``workspace=None`` or any buffer; nothing is allocated per call."""
     return 0
 
@@ -100,53 +113,85 @@ def workspace_size(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | 
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
         out: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, lower_bound: float | None,
         initial_state: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None, *, check_cu_seqlens: bool | None = None,
-        v_block: int | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+        cu_seqlens: torch.Tensor | None = None, *, state_indices: torch.Tensor | None = None,
+        has_initial_state: torch.Tensor | None = None, num_accepted_tokens: torch.Tensor | None = None,
+        max_seqlen: int | None = None, checkpoint_offsets: torch.Tensor | None = None,
+        checkpoint_state: torch.Tensor | None = None, check_cu_seqlens: bool | None = None,
+        check_indices: bool | None = None, v_block: int | None = None,
+        workspace: torch.Tensor | None = None) -> torch.Tensor:
     """KDA forward (docs/algorithm.md), drop-in for upstream FlashKDA's ``flash_kda.fwd``.
 
-    Writes ``out`` [B, T, H, V] (and ``final_state`` [N, H, V, K] when given, which may be the
-    very tensor passed as ``initial_state``) and returns ``out``. ``check_cu_seqlens=True`` (or
-    FLASH_KDA_CHECK_CU_SEQLENS=1 at import) validates the varlen offsets at the cost of a host
-    sync; ``v_block`` overrides the V-slice width per CTA (a tuning knob: 32, 64 or 128);
-    ``workspace`` is accepted for callers that preallocate (``workspace_size`` is 0).
-    Under ``torch.compile`` the call goes through the ``flash_kda::fwd`` custom op.
+    Writes ``out`` [B, T, H, V] (and ``final_state`` when given, which may be the very tensor
+    passed as ``initial_state``) and returns ``out``. The keyword-only serving arguments
+    (docs/serving.md):
+
+    * ``state_indices`` [N] or [N, T_max] int32/int64: the states are pools [slots, H, V, K];
+      sequence i reads and writes slot ``state_indices[i]`` (a negative or out-of-range slot skips
+      the sequence); a 2-D index stores the state after token j in slot ``state_indices[i, j]``
+      and reads slot ``state_indices[i, num_accepted_tokens[i] - 1]``;
+    * ``has_initial_state`` [N] bool: False starts that sequence from zeros;
+    * ``max_seqlen``: an upper bound on tokens per varlen sequence, so that short batches run the
+      token-by-token kernel without a host sync (results never depend on it);
+    * ``checkpoint_offsets`` [N, C] / ``checkpoint_state`` [N, C, H, V, K]: the state after the
+      first ``offset`` tokens of each sequence (offsets that are positive multiples of 16).
+
+    ``check_cu_seqlens`` / ``check_indices`` (or FLASH_KDA_CHECK_CU_SEQLENS / FLASH_KDA_CHECK_INDICES
+    at import) validate the values those tensors hold, at the cost of a host sync; otherwise
+    the kernels clamp or skip and never access memory out of bounds. ``v_block`` overrides the
+    V-slice width of the chunked kernel (a tuning knob: 32, 64 or 128); ``workspace`` is accepted
+    for callers that preallocate (``workspace_size`` is 0). Under ``torch.compile`` the call goes
+    through the ``flash_kda::fwd`` custom op.
+
+    This is the per-call hot path (a few microseconds of host time is the budget): one pass of
+    cheap checks, one cached launcher lookup, one ``struct.pack_into`` of the parameters (and one
+    per extension block a call uses) and the driver launch. Anything unusual goes through
+    ``_fwd_normalised``.
     """
-    if torch.compiler.is_compiling():
-        torch.ops.flash_kda.fwd(q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound, initial_state,
-                                final_state, cu_seqlens, check_cu_seqlens, v_block)
+    if _is_compiling():
+        torch.ops.flash_kda.fwd(q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound,
+                                initial_state, final_state, cu_seqlens, state_indices, has_initial_state,
+                                num_accepted_tokens, max_seqlen, checkpoint_offsets, checkpoint_state,
+                                check_cu_seqlens, check_indices, v_block)
         return out
-    return fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
-                     cu_seqlens, check_cu_seqlens=check_cu_seqlens, v_block=v_block)
-
-
-def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state=None, final_state=None,
-              cu_seqlens=None, *, check_cu_seqlens: bool | None = None, v_block: int | None = None,
-              where: str = checks.FWD) -> torch.Tensor:
-    """``fwd`` without the torch.compile routing: check, pick the kernel, launch.
-
-    This is the per-call hot path (a few microseconds of host time is the budget): one pass
-    of cheap checks, one cached launcher lookup, one ``struct.pack_into`` of the parameters
-    and the driver launch. Anything unusual goes through ``_fwd_normalised``."""
+    serving = None
+    if not (state_indices is None and has_initial_state is None and checkpoint_offsets is None
+            and checkpoint_state is None and num_accepted_tokens is None):
+        serving = (state_indices, has_initial_state, num_accepted_tokens, checkpoint_offsets, checkpoint_state)
     problem = checks.fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                                final_state, cu_seqlens)
+                                final_state, cu_seqlens, serving)
+    if max_seqlen is not None and (type(max_seqlen) is not int or max_seqlen < 0):
+        problem = None  # check_inputs names it (or takes a NumPy integer)
+    if problem is not None:
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), out.data_ptr()
+        initial_ptr = initial_state.data_ptr() if initial_state is not None else 0
+        final_ptr = final_state.data_ptr() if final_state is not None else 0
+        if (q_ptr | k_ptr | v_ptr | g_ptr | out_ptr | initial_ptr | final_ptr) & 15:
+            problem = None  # a misaligned start: the kernels move 16 bytes at a time
     if problem is None:
         return _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
-                               final_state, cu_seqlens, check_cu_seqlens, v_block, where)
-    index, N, T, H, total_tokens, state_in, state_out = problem
+                               final_state, cu_seqlens, state_indices, has_initial_state, num_accepted_tokens,
+                               max_seqlen, checkpoint_offsets, checkpoint_state, check_cu_seqlens, check_indices,
+                               v_block)
+    index, N, T, H, total_tokens, state_in, state_out, features, pool = problem
     if cu_seqlens is None:
         varlen, cu_ptr, cu_int64 = False, 0, 0
     else:
         if check_cu_seqlens or (check_cu_seqlens is None and checks.CHECK_CU_SEQLENS):
-            checks.validate_cu_seqlens(cu_seqlens, total_tokens, where)
+            checks.validate_cu_seqlens(cu_seqlens, total_tokens)
         varlen, cu_ptr, cu_int64 = True, cu_seqlens.data_ptr(), cu_seqlens.dtype is torch.int64
     units = N * H
     if units == 0:
         return out
-    if v_block is None:
+    if v_block is not None and (type(v_block) is not int or v_block not in V_BLOCKS):
+        v_block = checks.check_v_block(v_block)  # raises, or normalises a NumPy integer
+    # short sequences (the max_seqlen hint when varlen) and per-token states: the token-by-token kernel;
+    # checkpoints: always the chunked one
+    short = max_seqlen is not None and max_seqlen <= DECODE_MAX_TOKENS if varlen else T <= DECODE_MAX_TOKENS
+    if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
+        v_block = DECODE
+    elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
-    elif type(v_block) is not int or v_block not in V_BLOCKS:
-        v_block = checks.check_v_block(v_block, where)  # raises, or normalises a NumPy integer
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
@@ -155,11 +200,24 @@ def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial
     block = getattr(_local, "block", None)
     if block is None:
         block = _local.block = ParamBlock()
-    pack(block.params, 0, q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), out.data_ptr(),
+    params = block.params
+    pack(params, 0, q_ptr, k_ptr, v_ptr, g_ptr, beta.data_ptr(), out_ptr,
          A_log.data_ptr() if A_log is not None else 0, dt_bias.data_ptr() if dt_bias is not None else 0,
-         initial_state.data_ptr() if initial_state is not None else 0,
-         final_state.data_ptr() if final_state is not None else 0, cu_ptr,
-         total_tokens, T, H, N, cu_int64, scale, lower_bound)
+         initial_ptr, final_ptr, cu_ptr, total_tokens, T, H, N, cu_int64, scale, lower_bound, features)
+    if features:
+        if pool is not None:
+            pack_pool(params, POOL_OFFSET, *pool)
+        if features & FEATURE_STRIDED:
+            pack_strides(params, STRIDES_OFFSET, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3],
+                         *beta.stride())
+        if features & FEATURE_CHECKPOINTS:
+            pack_checkpoints(params, CHECKPOINT_OFFSET, checkpoint_offsets.data_ptr(), checkpoint_state.data_ptr(),
+                             checkpoint_offsets.shape[1], checkpoint_offsets.dtype is torch.int64,
+                             checkpoint_state.dtype is torch.bfloat16)
+        if features & (FEATURE_POOL | FEATURE_CHECKPOINTS) and (
+                check_indices or (check_indices is None and checks.CHECK_INDICES)):
+            checks.validate_indices(N, T, cu_seqlens, initial_state, final_state, state_indices, num_accepted_tokens,
+                                    checkpoint_offsets)
     stream = _streams.get(torch._C._cuda_getCurrentRawStream(index))
     if stream is None:
         stream = _stream_handle(index)
@@ -170,26 +228,46 @@ def fwd_eager(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial
     return out
 
 
+def _readable(x):
+    """q/k/v/g as the kernels can read them: the tensor itself, or a contiguous (aligned) copy."""
+    return x if checks.input_readable_in_place(x) else x.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous(x):
+    return x if x is None or x.is_contiguous() else x.contiguous()
+
+
 def _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
-                    cu_seqlens, check_cu_seqlens: bool | None, v_block: int | None, where: str) -> torch.Tensor:
+                    cu_seqlens, state_indices, has_initial_state, num_accepted_tokens, max_seqlen,
+                    checkpoint_offsets, checkpoint_state, check_cu_seqlens: bool | None, check_indices: bool | None,
+                    v_block: int | None) -> torch.Tensor:
     """The inputs ``checks.fast_check`` did not take: raise the precise error, or normalise
-    (contiguous copies, float scale and lower_bound) and launch through the hot path."""
+    (copies the kernels can read, float scale and lower_bound) and launch through the hot path."""
     checks.check_inputs(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state,
-                        cu_seqlens, where)
+                        cu_seqlens, state_indices, has_initial_state, num_accepted_tokens, checkpoint_offsets,
+                        checkpoint_state, max_seqlen)
     if v_block is not None:
-        v_block = checks.check_v_block(v_block, where)
+        v_block = checks.check_v_block(v_block)
+    if max_seqlen is not None:
+        max_seqlen = int(max_seqlen)
     # the copies stay referenced until the launch has been enqueued (the caching allocator then
-    # keeps their memory valid in stream order); an in-place state is contiguous (checked)
-    q, k, v, g, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(g), _contiguous(beta)
-    A_log, dt_bias, cu_seqlens = _contiguous(A_log), _contiguous(dt_bias), _contiguous(cu_seqlens)
-    scale, lower_bound = checks.check_scale(scale, where), checks.check_lower_bound(lower_bound, where)
+    # keeps their memory valid in stream order); states and checkpoints are written in place (checked)
+    q, k, v, g = _readable(q), _readable(k), _readable(v), _readable(g)
+    beta, A_log, dt_bias, cu_seqlens = _contiguous(beta), _contiguous(A_log), _contiguous(dt_bias), _contiguous(cu_seqlens)
+    state_indices, has_initial_state = _contiguous(state_indices), _contiguous(has_initial_state)
+    num_accepted_tokens, checkpoint_offsets = _contiguous(num_accepted_tokens), _contiguous(checkpoint_offsets)
+    scale, lower_bound = checks.check_scale(scale), checks.check_lower_bound(lower_bound)
     args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
-    if checks.fast_check(*args) is None:  # would recurse forever: the two checkers disagree
+    serving = dict(state_indices=state_indices, has_initial_state=has_initial_state,
+                   num_accepted_tokens=num_accepted_tokens, checkpoint_offsets=checkpoint_offsets,
+                   checkpoint_state=checkpoint_state)
+    if checks.fast_check(*args, tuple(serving.values())) is None:  # would recurse forever
         described = [(x.dtype, tuple(x.shape), x.device, x.stride()) if isinstance(x, torch.Tensor) else x
-                     for x in args]
+                     for x in (*args, *serving.values())]
         raise RuntimeError("flash_kda.fwd: internal error: checks.fast_check refuses inputs that "
                            f"checks.check_inputs accepted, after normalising them: {described}")
-    return fwd_eager(*args, check_cu_seqlens=check_cu_seqlens, v_block=v_block, where=where)
+    return fwd(*args, **serving, max_seqlen=max_seqlen, check_cu_seqlens=check_cu_seqlens,
+               check_indices=check_indices, v_block=v_block)
 
 
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -199,7 +277,7 @@ def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         cu_seqlens: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Convenience form in the style of FLA's ``chunk_kda``: allocates and returns (out, final_state or None).
 
-    ``kwargs`` are ``fwd``'s keyword-only extras (``check_cu_seqlens``, ``v_block``)."""
+    ``kwargs`` are ``fwd``'s keyword-only extras (``check_cu_seqlens``, ``v_block``, ``max_seqlen``, ...)."""
     where = "flash_kda.kda"
     checks.check_allocation_inputs(q, v, cu_seqlens, where)  # what the allocations below read
     if scale is None:
@@ -208,11 +286,13 @@ def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     final_state = None
     if output_final_state:
         N = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
-        final_state = torch.empty(N, q.shape[2], v.shape[-1], q.shape[-1], dtype=final_state_dtype,
-                                  device=q.device)
+        final_state = torch.empty(N, q.shape[2], HEAD_DIM, q.shape[-1], dtype=final_state_dtype, device=q.device)
     args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
-    if torch.compiler.is_compiling():
-        fwd(*args, **kwargs)
-    else:
-        fwd_eager(*args, **kwargs, where=where)
+    if not torch.compiler.is_compiling():  # a convenience entry: the detailed checks, naming flash_kda.kda
+        serving = {name: kwargs.get(name) for name in ("state_indices", "has_initial_state", "num_accepted_tokens",
+                                                       "checkpoint_offsets", "checkpoint_state", "max_seqlen")}
+        checks.check_inputs(*args, **serving, where=where)
+        if kwargs.get("v_block") is not None:
+            checks.check_v_block(kwargs["v_block"], where)
+    fwd(*args, **kwargs)
     return out, final_state

@@ -14,22 +14,23 @@ import stat
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import CacheMissError, FlashKDAError
-from .jit import Compiler, KernelCache, KernelSpec, all_specs, build, env_flag, get_compiler
+from .jit import Compiler, KernelCache, all_specs, build, env_flag, get_compiler
 from .jit.arch import DEFAULT_TARGETS, check_target
 from .jit.cache import cache_key, check_entry
+from .jit.spec import AnySpec, spec_from_dict
 from .logs import log
 
 
 @dataclass(frozen=True)
 class CompiledEntry:
-    spec: KernelSpec
+    spec: AnySpec
     path: Path
     size: int
     compiled: bool  # False when the entry was already in the cache
@@ -53,7 +54,7 @@ def _check_workers(workers: object) -> None:
 
 
 def precompile(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.PathLike | None = None,
-               specs: Iterable[KernelSpec] | None = None, compiler: str | Compiler | None = None,
+               specs: Iterable[AnySpec] | None = None, compiler: str | Compiler | None = None,
                workers: int | None = None,
                progress: Callable[[CompiledEntry, int, int], None] | None = None) -> list[CompiledEntry]:
     """Compile every specialisation (or ``specs``) for ``archs`` into the cache; return what is there.
@@ -68,7 +69,7 @@ def precompile(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os
     cache = KernelCache(cache_dir, fallback=False)
     comp = compiler if isinstance(compiler, Compiler) else get_compiler(compiler)
     digest = comp.header_digest()
-    results: dict[KernelSpec, CompiledEntry] = {}
+    results: dict[AnySpec, CompiledEntry] = {}
     missing = []
     for spec in todo:
         found = cache.lookup(spec, cache_key(spec, comp.identity(spec), digest))
@@ -93,7 +94,7 @@ def precompile(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os
     return [results[spec] for spec in todo]
 
 
-def _compile_in_workers(specs: list[KernelSpec], cache_dir: Path, compiler: str, workers: int | None):
+def _compile_in_workers(specs: list[AnySpec], cache_dir: Path, compiler: str, workers: int | None):
     """Yield each spec's entry as its compile finishes; on the first failure cancel what has not
     started, wait for what has, and raise that failure."""
     workers = max(1, min(len(specs), workers or os.cpu_count() or 1))
@@ -101,15 +102,13 @@ def _compile_in_workers(specs: list[KernelSpec], cache_dir: Path, compiler: str,
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        pending = {pool.submit(_compile_one, spec, str(cache_dir), compiler) for spec in specs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                try:
-                    yield future.result()
-                except BrokenProcessPool as exc:
-                    raise FlashKDAError("flash_kda: a precompile worker process died (killed, or out of memory?); "
-                                        "try fewer --jobs") from exc
+        futures = [pool.submit(_compile_one, spec, str(cache_dir), compiler) for spec in specs]
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool as exc:
+                raise FlashKDAError("flash_kda: a precompile worker process died (killed, or out of memory?); "
+                                    "try fewer --jobs") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -132,7 +131,7 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="flash_kda-parent-watch").start()
 
 
-def _compile_one(spec: KernelSpec, cache_dir: str, compiler: str) -> CompiledEntry:
+def _compile_one(spec: AnySpec, cache_dir: str, compiler: str) -> CompiledEntry:
     start = time.perf_counter()
     cubin, path, compiled = build(spec, cache=KernelCache(cache_dir, fallback=False), compiler=get_compiler(compiler),
                                   allow_build=True)
@@ -156,7 +155,7 @@ class VerifyReport:
 
 
 def verify(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.PathLike | None = None,
-           compiler: str | Compiler | None = None, specs: Iterable[KernelSpec] | None = None) -> VerifyReport:
+           compiler: str | Compiler | None = None, specs: Iterable[AnySpec] | None = None) -> VerifyReport:
     """Check a baked cache without writing to it: every specialisation for ``archs`` is present, and
     every entry in the directory passes the trust rule, its identity and checksum checks, and can
     be read (by this user, and by everyone when the directory itself is world-readable)."""
@@ -196,12 +195,12 @@ def verify(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.Pat
     return report
 
 
-def _spec_of(cubin_path: Path) -> tuple[KernelSpec | None, str]:
+def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
     """The spec and key an entry of another version claims (or None and why it cannot be read)."""
     import json
     try:
         meta = json.loads(cubin_path.with_suffix(".json").read_text())
-        spec = KernelSpec(**meta["spec"])
+        spec = spec_from_dict(meta["spec"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return None, f"unreadable metadata ({exc})"
     if cubin_path.stem != meta.get("key") or cubin_path.parent.name != spec.name:

@@ -39,8 +39,12 @@ def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tup
 def kda_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   scale: float, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
                   lower_bound: float | None, initial_state: torch.Tensor | None = None,
-                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, T, H, V], final_state [N, H, V, K]) in float64, by the token recurrence."""
+                  cu_seqlens: torch.Tensor | None = None, token_states: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, T, H, V], final_state [N, H, V, K]) in float64, by the token recurrence.
+
+    ``token_states``, when a list, receives the state after every token: entry j is [N, H, V, K]
+    (the state after token j of each sequence, or its final state if it is shorter)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -69,6 +73,8 @@ def kda_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         pred = torch.einsum("nhvk,nhk->nhv", S_dec, k_t)
         S_new = S_dec + b_t[..., None, None] * torch.einsum("nhv,nhk->nhvk", v_t - pred, k_t)
         S = torch.where(live[:, None, None, None], S_new, S)
+        if token_states is not None:
+            token_states.append(S.clone())
         o = scale * torch.einsum("nhvk,nhk->nhv", S, q_t)
         idx = live.nonzero().squeeze(1)
         out[rows[idx], t[idx]] = o[idx]

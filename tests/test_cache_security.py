@@ -16,7 +16,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import filelock
@@ -46,7 +45,7 @@ def plant_entry(root: Path, spec: KernelSpec, key: str, data: bytes) -> Path:
     path = root / spec.name / f"{key}.cubin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    meta = {"spec": asdict(spec), "key": key, "compiler": "x", "size": len(data),
+    meta = {"spec": spec.to_dict(), "key": key, "compiler": "x", "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
     path.with_suffix(".json").write_text(json.dumps(meta))
     return path

@@ -11,92 +11,82 @@ import torch
 
 import flash_kda
 from flash_kda import api, checks
-from flash_kda.jit.params import PARAMS_STRUCT, KdaParams, ParamBlock, pack, struct_offsets
+from flash_kda.jit.params import (CHECKPOINT_OFFSET, CHECKPOINT_STRUCT, FEATURE_STRIDED, POOL_OFFSET, POOL_STRUCT,
+                                  STRIDES_OFFSET, STRIDES_STRUCT, PARAMS_STRUCT, KdaParams, ParamBlock, flat_fields,
+                                  pack, pack_checkpoints, pack_pool, pack_strides, struct_offsets)
 
-from kda_inputs import make_inputs
+from kda_inputs import make_inputs  # noqa: F401
+from stub_device import device, inputs, launch_params  # noqa: F401  (device is a fixture)
 
 POINTER_FIELDS = ("q", "k", "v", "g", "beta", "out", "A_log", "dt_bias", "initial_state", "final_state",
                   "cu_seqlens")
 
 
+BLOCKS = [(PARAMS_STRUCT, 0, pack), (STRIDES_STRUCT, STRIDES_OFFSET, pack_strides),
+          (POOL_STRUCT, POOL_OFFSET, pack_pool), (CHECKPOINT_STRUCT, CHECKPOINT_OFFSET, pack_checkpoints)]
+
+
 def test_struct_layout_matches_ctypes():
-    assert PARAMS_STRUCT.size == ctypes.sizeof(KdaParams) == 120
-    assert struct_offsets() == [getattr(KdaParams, name).offset for name, _ in KdaParams._fields_]
+    assert ctypes.sizeof(KdaParams) == 344 and (STRIDES_OFFSET, POOL_OFFSET, CHECKPOINT_OFFSET) == (128, 248, 312)
+    fields = flat_fields(KdaParams)
+    offsets = [offset + field for fmt, offset, _ in BLOCKS for field in struct_offsets(fmt.format[1:])]
+    assert offsets == [offset for _, offset in fields]
+
+
+def _set_fields(structure, names_offsets, values):
+    """Set each (possibly nested, 'a.b') field of a ctypes structure to its value."""
+    for (name, _), value in zip(names_offsets, values):
+        target = structure
+        *path, leaf = name.split(".")
+        for part in path:
+            target = getattr(target, part)
+        is_pointer = dict(type(target)._fields_)[leaf] is ctypes.c_void_p
+        setattr(target, leaf, (value or None) if is_pointer else value)
 
 
 @pytest.mark.parametrize("values", [
     (0x7F0000001000, 0x7F0000002000, 0x7F0000003000, 0x7F0000004000, 0x7F0000005000, 0x7F0000006000,
-     0, 0x7F0000008000, 0, 0x7FFFFFFFFFF0, 0xFFFFFFFFFFFFFFF0, 3 * 2 ** 33, 16, 96, 6, 1, 128 ** -0.5, -5.0),
-    (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 0, 0, 0, 0, 1e-30, -0.0),
-    (0,) * 11 + (-1, -(2 ** 31), 2 ** 31 - 1, 7, 0, 3.4028234663852886e38, -4.999),
+     0, 0x7F0000008000, 0, 0x7FFFFFFFFFF0, 0xFFFFFFFFFFFFFFF0, 3 * 2 ** 33, 16, 96, 6, 1, 128 ** -0.5, -5.0, 31),
+    (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 0, 0, 0, 0, 1e-30, -0.0, 0),
+    (0,) * 11 + (-1, -(2 ** 31), 2 ** 31 - 1, 7, 0, 3.4028234663852886e38, -4.999, 2 ** 31 - 1),
 ])
 def test_pack_into_gives_the_ctypes_bytes(values):
     block = ParamBlock()
     pack(block.params, 0, *values)
     reference = KdaParams()
-    for (name, _), value in zip(KdaParams._fields_, values):
-        setattr(reference, name, value if value or name not in POINTER_FIELDS else None)
+    _set_fields(reference, flat_fields(KdaParams), values)
     assert bytes(block.params) == bytes(reference)
     assert ctypes.c_void_p.from_address(block.address).value == ctypes.addressof(block.params)
+
+
+@pytest.mark.parametrize("block", range(1, len(BLOCKS)))
+def test_each_extension_block_packs_the_ctypes_bytes(block):
+    fmt, offset, packer = BLOCKS[block]
+    first = sum(len(f.format) - 1 for f, _, _ in BLOCKS[:block])
+    fields = flat_fields(KdaParams)[first:first + len(fmt.format) - 1]
+    values = [(-1) ** i * (2 ** (31 + i % 3) - 7 * i) if code in "qP" else i + 1
+              for i, code in enumerate(fmt.format[1:])]
+    values = [abs(v) if code == "P" else v for v, code in zip(values, fmt.format[1:])]
+    packed, reference = ParamBlock(), KdaParams()
+    packer(packed.params, offset, *values)
+    _set_fields(reference, fields, values)
+    assert bytes(packed.params) == bytes(reference)
 
 
 def test_a_scale_beyond_float32_would_reach_the_kernel_as_inf():
     """Why check_inputs refuses |scale| > FLOAT32_MAX (ctypes would store inf as well)."""
     block = ParamBlock()
-    pack(block.params, 0, *(0,) * 16, 1e39, -5.0)
+    pack(block.params, 0, *(0,) * 16, 1e39, -5.0, 0)
     assert block.params.scale == float("inf")
-    pack(block.params, 0, *(0,) * 16, checks.FLOAT32_MAX, -5.0)
+    pack(block.params, 0, *(0,) * 16, checks.FLOAT32_MAX, -5.0, 0)
     assert block.params.scale == checks.FLOAT32_MAX
 
 
 # ----------------------------------------------------------------------------------- stubbed device
 
 
-class FakeKernel:
-    """Stands in for LoadedKernel: records the grid and the parameter bytes of each launch."""
-
-    def __init__(self, spec, launches: list):
-        self.spec, self._launches = spec, launches
-
-    def launch(self, blocks: int, stream, params_address: int) -> None:
-        params = ctypes.c_void_p.from_address(params_address).value
-        self._launches.append((self.spec, blocks, stream, KdaParams.from_buffer_copy(
-            ctypes.string_at(params, ctypes.sizeof(KdaParams)))))
-
-    launch_in_own_context = launch
-
-
-@pytest.fixture
-def device(monkeypatch):
-    """CPU tensors pass for cuda:0 (or the index set in the returned dict, by id of the tensor);
-    the kernel, stream and SM-count lookups are stubbed. Yields (devices, launches)."""
-    devices: dict[int, int] = {}
-    launches: list = []
-    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: devices.get(id(self), 0))
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
-    monkeypatch.setattr(api, "_streams", {1234: "stream"})
-    monkeypatch.setattr(api, "_launchers", {})
-    monkeypatch.setattr(api, "_v_block_thresholds", lambda index: (462, 34))  # 132 SMs
-    monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
-    monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches))
-    yield devices, launches
-
-
-def inputs(B=1, T=16, H=2, state=None, varlen=None, final_state=None):
-    inp = make_inputs(B, T, H, device="cpu", seed=3)
-    N = B if varlen is None else len(varlen) - 1
-    args = dict(q=inp["q"], k=inp["k"], v=inp["v"], g=inp["g"], beta=inp["beta"], scale=0.1,
-                out=torch.empty_like(inp["v"]), A_log=inp["A_log"], dt_bias=inp["dt_bias"], lower_bound=-5.0,
-                initial_state=None if state is None else torch.zeros(N, H, 128, 128, dtype=state),
-                final_state=None if final_state is None else torch.zeros(N, H, 128, 128, dtype=final_state),
-                cu_seqlens=None if varlen is None else torch.tensor(varlen))
-    return args
-
-
 def problem_tuple(args) -> tuple:
-    p = checks.check_inputs(**args)
-    return (p.device_index, p.num_seqs, p.seq_len, p.num_heads, p.total_tokens, p.state_in, p.state_out)
+    return checks.check_inputs(**args).as_tuple()
 
 
 @pytest.mark.parametrize("kw", [
@@ -106,9 +96,9 @@ def problem_tuple(args) -> tuple:
 ])
 def test_fast_check_takes_valid_contiguous_inputs_like_check_inputs(device, kw):
     args = inputs(**kw)
-    assert checks.fast_check(**args) == problem_tuple(args)
+    assert checks.fast_check(**args)[:8] == problem_tuple(args)
     args.update(A_log=None, dt_bias=args["dt_bias"].flatten())
-    assert checks.fast_check(**args) == problem_tuple(args)
+    assert checks.fast_check(**args)[:8] == problem_tuple(args)
 
 
 def _bad_cases():
@@ -192,16 +182,11 @@ def test_varlen_needs_batch_one(device):
         flash_kda.fwd(**args)
 
 
-def _params(launch) -> dict:
-    params = launch[3]
-    return {name: getattr(params, name) for name, _ in KdaParams._fields_}
-
-
 def test_fwd_packs_pointers_sizes_and_scalars(device):
     args = inputs(B=2, T=32, H=3, state=torch.float32, final_state=torch.bfloat16)
     assert flash_kda.fwd(**args) is args["out"]
     (spec, blocks, stream, _), = device[1]
-    p = _params(device[1][0])
+    p = launch_params(device[1][0])
     for name in POINTER_FIELDS[:-1]:
         assert p[name] == args[name].data_ptr(), name
     assert p["cu_seqlens"] is None and p["cu_seqlens_int64"] == 0
@@ -218,7 +203,7 @@ def test_varlen_packs_offsets_and_their_width(device, dtype, flag):
     args["final_state"] = args["initial_state"]  # in-place state update
     flash_kda.fwd(**args, v_block=64)
     (spec, blocks, _, _), = device[1]
-    p = _params(device[1][0])
+    p = launch_params(device[1][0])
     assert p["cu_seqlens"] == args["cu_seqlens"].data_ptr() and p["cu_seqlens_int64"] == flag
     assert p["initial_state"] == p["final_state"] == args["initial_state"].data_ptr()
     assert (p["total_tokens"], p["num_seqs"]) == (16, 2)
@@ -270,14 +255,20 @@ def test_empty_problems_launch_nothing(device):
 
 def test_normalisable_inputs_are_copied_and_converted(device):
     args = inputs(state=torch.float32)
-    args["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same shape, other strides
-    args["dt_bias"] = torch.zeros(128, 2).t()
+    q_strided = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # same shape, head-major strides
+    k_misaligned = torch.zeros(1, 16, 2, 130, dtype=torch.bfloat16)[..., :128]  # rows 260 bytes apart
+    k_misaligned.copy_(args["k"])
+    args.update(q=q_strided, k=k_misaligned, dt_bias=torch.zeros(128, 2).t())
     args.update(scale=np.float64(0.25), lower_bound=-3)  # a float subclass, an int
     assert checks.fast_check(**args) is None
     flash_kda.fwd(**args)
-    p = _params(device[1][0])
-    assert p["q"] != args["q"].data_ptr() and p["dt_bias"] != args["dt_bias"].data_ptr()  # contiguous copies
-    assert p["k"] == args["k"].data_ptr() and p["initial_state"] == args["initial_state"].data_ptr()
+    p = launch_params(device[1][0])
+    assert p["q"] == q_strided.data_ptr()  # read in place, with its strides
+    assert p["features"] & FEATURE_STRIDED and (p["ext.q.batch"], p["ext.q.token"], p["ext.q.head"]) == \
+        q_strided.stride()[:3]
+    assert p["k"] != k_misaligned.data_ptr() and p["ext.k.token"] == 2 * 128  # an aligned contiguous copy
+    assert p["dt_bias"] != args["dt_bias"].data_ptr()  # contiguous copy
+    assert p["v"] == args["v"].data_ptr() and p["initial_state"] == args["initial_state"].data_ptr()
     assert (p["scale"], p["lower_bound"]) == (0.25, -3.0)
 
 

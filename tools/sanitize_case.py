@@ -1,18 +1,58 @@
-"""A varlen call with state, an empty sequence and a length-1 sequence, for compute-sanitizer."""
+"""Calls for compute-sanitizer (memcheck): every kernel family and width on hostile but unchecked inputs.
+
+Varlen with an empty and a length-1 sequence; pools addressed by negative, past-the-end and huge
+slots; 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
+past the sequence, not multiples of 16, or huge; strided inputs. None of it may touch memory out of
+bounds. Usage: compute-sanitizer --tool memcheck python tools/sanitize_case.py
+"""
 import torch
 
 import flash_kda
 from kda_inputs import make_inputs
 
+H = 3
 cu = torch.tensor([0, 37, 37, 38, 100, 165], device="cuda", dtype=torch.int32)
-inp = make_inputs(1, 165, 3, seed=5)
-h0 = torch.randn(5, 3, 128, 128, device="cuda")
+inp = make_inputs(1, 165, H, seed=5)
+args = lambda x: (x["q"], x["k"], x["v"], x["g"], x["beta"], 0.088)  # noqa: E731
+gates = (inp["A_log"], inp["dt_bias"], -5.0)
+h0 = torch.randn(5, H, 128, 128, device="cuda")
 for vb in (32, 64, 128):
     out = torch.empty_like(inp["v"])
-    final = torch.empty(5, 3, 128, 128, device="cuda", dtype=torch.bfloat16)
-    flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.088, out, inp["A_log"], inp["dt_bias"],
-                  -5.0, initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb)
-    flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.088, out, inp["A_log"], inp["dt_bias"],
-                  -5.0, initial_state=h0, final_state=h0, cu_seqlens=cu.long(), v_block=vb)  # in place
+    final = torch.empty(5, H, 128, 128, device="cuda", dtype=torch.bfloat16)
+    flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb)
+    flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=h0, cu_seqlens=cu.long(), v_block=vb)
+
+# pools: hostile 1-D slots, chunked and decode kernels, padded slot stride
+storage = torch.randn(6, H * 128 * 128 + 24, device="cuda")
+pool = storage[:, :H * 128 * 128].view(6, H, 128, 128)
+hostile = torch.tensor([-1, 6, 2**31 - 1, 2, -(2**31)], device="cuda", dtype=torch.int32)
+for max_seqlen in (None, 8):
+    out = torch.empty_like(inp["v"])
+    flash_kda.fwd(*args(inp), out, *gates, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=hostile,
+                  has_initial_state=torch.tensor([True, False, True, False, True], device="cuda"),
+                  max_seqlen=max_seqlen)
+    flash_kda.fwd(*args(inp), out, *gates, initial_state=pool, final_state=pool, cu_seqlens=cu,
+                  state_indices=hostile.long() * (2**32), max_seqlen=max_seqlen)
+
+# per-token states: negative, past-the-end slots; num_accepted_tokens 0 and past T_max
+verify = make_inputs(1, 12, H, seed=6)
+vcu = torch.tensor([0, 4, 4, 7, 12, 12], device="cuda")
+slots2d = torch.tensor([[0, 1, -1, 6], [2, 3, 4, 5], [-7, 9, 1, 0], [5, 4, 3, 2], [1, 1, 1, 1]], device="cuda")
+for accepted in (None, torch.tensor([0, 5, 1, 4, -3], device="cuda", dtype=torch.int32)):
+    flash_kda.fwd(*args(verify), torch.empty_like(verify["v"]), *gates, initial_state=pool, final_state=pool,
+                  cu_seqlens=vcu, state_indices=slots2d, num_accepted_tokens=accepted, max_seqlen=5)
+
+# checkpoints with hostile offsets
+offsets = torch.tensor([[-16, 16, 10**9], [16, 0, 3], [2**40, 16, -1], [48, 32, 64], [16, 64, 80]], device="cuda")
+ckpt = torch.empty(5, 3, H, 128, 128, device="cuda")
+flash_kda.fwd(*args(inp), torch.empty_like(inp["v"]), *gates, initial_state=h0, final_state=final, cu_seqlens=cu,
+              checkpoint_offsets=offsets, checkpoint_state=ckpt)
+
+# strided inputs (a fused projection) on both kernels
+fused = torch.randn(1, 165, H, 3 * 128, device="cuda").bfloat16()
+strided = dict(inp, q=fused[..., :128], k=fused[..., 128:256], v=fused[..., 256:])
+for max_seqlen in (None, 15):
+    flash_kda.fwd(*args(strided), torch.empty_like(inp["v"]), *gates, initial_state=h0, final_state=h0,
+                  cu_seqlens=cu, max_seqlen=max_seqlen)
 torch.cuda.synchronize()
 print("sanitize case ran")

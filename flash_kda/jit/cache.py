@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,7 @@ from filelock import FileLock
 from ..errors import CacheMissError, CacheWriteError
 from ..logs import log as _root_log, operator_warning
 from . import trust
-from .spec import KernelSpec, template_sources
+from .spec import AnySpec, spec_from_dict, template_sources
 
 log = _root_log.getChild("jit")
 
@@ -70,13 +70,13 @@ def _environment_fingerprint() -> str:
     return h.hexdigest()
 
 
-def cache_key(spec: KernelSpec, compiler_identity: str, headers: str = "") -> str:
+def cache_key(spec: AnySpec, compiler_identity: str, headers: str = "") -> str:
     """The entry name: a hash of everything that changes the binary. ``compiler_identity`` is the
     compiler's name, version and flags; ``headers`` the digest of the header bytes it reads
     (``Compiler.header_digest``)."""
     h = hashlib.sha256()
     h.update(_environment_fingerprint().encode())
-    h.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(compiler_identity.encode())
     h.update(headers.encode())
     h.update(spec.source().encode())
@@ -172,7 +172,7 @@ class EntryCheck:
     problem: str | None = None
 
 
-def check_entry(cubin_path: Path, spec: KernelSpec, key: str) -> EntryCheck:
+def check_entry(cubin_path: Path, spec: AnySpec, key: str) -> EntryCheck:
     """Identity and integrity of one entry (trust is checked by the caller, per directory).
 
     Missing entry: ``EntryCheck(None)``; a damaged or foreign one: ``EntryCheck(None, why)``."""
@@ -184,7 +184,7 @@ def check_entry(cubin_path: Path, spec: KernelSpec, key: str) -> EntryCheck:
         return EntryCheck(None, None if not meta_path.exists() else f"{cubin_path} is missing")
     except (OSError, ValueError) as exc:
         return EntryCheck(None, f"unreadable ({exc})")
-    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("spec") != asdict(spec):
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("spec") != spec.to_dict():
         found = meta.get("spec", {}).get("arch") if isinstance(meta, dict) and isinstance(meta.get("spec"), dict) else None
         return EntryCheck(None, f"holds another kernel: its metadata names key {meta.get('key') if isinstance(meta, dict) else None!r}"
                                 f"{'' if found is None else ' and spec ' + _spec_label(meta['spec'])}, expected {key} "
@@ -198,7 +198,7 @@ def check_entry(cubin_path: Path, spec: KernelSpec, key: str) -> EntryCheck:
 
 def _spec_label(spec_dict: dict) -> str:
     try:
-        return KernelSpec(**spec_dict).name
+        return spec_from_dict(spec_dict).name
     except (TypeError, ValueError):
         return repr(spec_dict)
 
@@ -250,10 +250,10 @@ class KernelCache:
         if private is not None and private != self.directory and private.is_dir():
             yield private
 
-    def entry_path(self, spec: KernelSpec, key: str, root: Path | None = None) -> Path:
+    def entry_path(self, spec: AnySpec, key: str, root: Path | None = None) -> Path:
         return (root or self.directory) / spec.name / f"{key}.cubin"
 
-    def _load(self, root: Path, path: Path, spec: KernelSpec, key: str) -> bytes | None:
+    def _load(self, root: Path, path: Path, spec: AnySpec, key: str) -> bytes | None:
         """The entry at ``path`` when it is trusted and intact; None when absent or refused (with a warning)."""
         if not path.with_suffix(".json").exists():
             return None
@@ -267,7 +267,7 @@ class KernelCache:
                              key=("damaged", str(path), found.problem))
         return found.data
 
-    def lookup(self, spec: KernelSpec, key: str) -> tuple[bytes, Path] | None:
+    def lookup(self, spec: AnySpec, key: str) -> tuple[bytes, Path] | None:
         """The trusted, intact entry for (spec, key), or None. Creates and writes nothing."""
         for root in self._read_roots():
             path = self.entry_path(spec, key, root)
@@ -312,7 +312,7 @@ class KernelCache:
                              f"{self._private} instead", key=("fallback", str(refused)))
         return self._private
 
-    def get_or_build(self, spec: KernelSpec, key: str, build: Callable[[], bytes], *,
+    def get_or_build(self, spec: AnySpec, key: str, build: Callable[[], bytes], *,
                      allow_build: bool = True, identity: str = "",
                      miss_hint: str = "") -> tuple[bytes, Path, bool]:
         """Return (cubin, path, built). Compiles at most once across processes per entry."""
@@ -347,7 +347,7 @@ class KernelCache:
                         return found_data, path, False
                     if data is None:
                         data = build()
-                    meta = {"spec": asdict(spec), "key": key, "compiler": identity, "size": len(data),
+                    meta = {"spec": spec.to_dict(), "key": key, "compiler": identity, "size": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()}
                     _atomic_write(path, data)
                     _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())

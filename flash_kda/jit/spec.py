@@ -1,14 +1,20 @@
 """Kernel specialisations: one object names one binary and renders its source.
 
-Everything fixed at compile time lives here (state dtypes, varlen, gate kind, head
-dims, V-slice width, target arch); everything else is a run-time kernel argument.
+Two kernel families share the parameter block (templates/kda_params.cuh):
+
+* ``KernelSpec``, the chunked kernel (templates/kda_fwd.cuh): prefill and chunked prefill;
+* ``DecodeSpec``, the token-by-token kernel (templates/kda_decode.cuh): decode and speculative
+  verify, i.e. short sequences and per-token states.
+
+Everything fixed at compile time lives here (state dtypes, varlen, gate kind, head dims, V-slice
+width, target arch); everything else (pools, strides, checkpoints) is a run-time kernel argument.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Iterator
+from typing import ClassVar, Iterator, Union
 
 from .arch import DEFAULT_TARGETS, check_target
 
@@ -18,22 +24,24 @@ GATES = ("bounded",)
 V_BLOCKS = (32, 64, 128)
 HEAD_DIM = 128
 PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
-TEMPLATE = "kda_fwd.cuh"
-KERNEL_NAME = "flash_kda_fwd_kernel"
+DECODE_ROWS_PER_CTA = 16  # templates/kda_decode.cuh, DecodeConfig
+DECODE_THREADS = 128
+KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
 
 
 @dataclass(frozen=True)
-class KernelSpec:
-    """One compiled variant of the KDA forward kernel."""
-
+class _SpecBase:
     state_in: str
     state_out: str
     varlen: bool
     gate: str = "bounded"
     head_k: int = HEAD_DIM
     head_v: int = HEAD_DIM
-    v_block: int = 64
     arch: str = "sm_90a"
+
+    kind: ClassVar[str] = ""
+    template: ClassVar[str] = ""
+    min_blocks_per_sm: ClassVar[int] = 1  # __launch_bounds__: how many CTAs must fit on an SM at once
 
     def __post_init__(self) -> None:
         if self.state_in not in STATE_DTYPES or self.state_out not in STATE_DTYPES:
@@ -42,20 +50,62 @@ class KernelSpec:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if (self.head_k, self.head_v) != (HEAD_DIM, HEAD_DIM):
             raise ValueError(f"only K = V = {HEAD_DIM} is implemented, got K={self.head_k} V={self.head_v}")
-        if type(self.v_block) is not int or self.v_block not in V_BLOCKS:
-            raise ValueError(f"v_block must be one of {V_BLOCKS} (an int), got {self.v_block!r}")
         check_target(self.arch)
 
-    @property
-    def name(self) -> str:
-        kind = "varlen" if self.varlen else "fixed"
-        return (f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_"
-                f"in-{self.state_in}_out-{self.state_out}_{kind}_{self.arch}")
+    def to_dict(self) -> dict:
+        """What the cache's metadata records (and ``spec_from_dict`` reads back)."""
+        return {"kind": self.kind, **asdict(self)}
 
     def identity_tag(self) -> bytes:
         """Bytes every cubin of this spec carries (``source`` embeds them), so the cache can tell a
         cubin that belongs to another specialisation even when its metadata was made to match."""
         return f"flash_kda_spec:{self.name}".encode()
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def _suffix(self) -> str:
+        kind = "varlen" if self.varlen else "fixed"
+        return f"in-{self.state_in}_out-{self.state_out}_{kind}_{self.arch}"
+
+    def _entry(self, threads: int, launch_attrs: str, call: str, smem: str, checks: str) -> str:
+        """The translation unit: the template, compile-time checks, the kernel entry and the globals
+        the loader reads (dynamic shared memory size, identity)."""
+        from .params import EXT_OFFSET, PARAMS_SIZE
+        return (
+            f'#include "{self.template}"\n'
+            f"// {self.name}\n"
+            f"static_assert(sizeof(flash_kda::KdaParams) == {PARAMS_SIZE} && "
+            f"__builtin_offsetof(flash_kda::KdaParams, ext) == {EXT_OFFSET}, "
+            f'"flash_kda/jit/params.py and kda_params.cuh disagree on the parameter layout");\n'
+            f"{checks}"
+            f'extern "C" __global__ void __launch_bounds__({threads}, {self.min_blocks_per_sm}) {launch_attrs}\n'
+            f"{KERNEL_NAME}(const flash_kda::KdaParams p) {{\n"
+            f"  {call};\n"
+            f"}}\n"
+            f'extern "C" __device__ unsigned int flash_kda_smem_bytes = {smem};\n'
+            f'extern "C" __device__ const char flash_kda_spec[] = "{self.identity_tag().decode()}";\n'
+        )
+
+
+@dataclass(frozen=True)
+class KernelSpec(_SpecBase):
+    """One compiled variant of the chunked KDA forward kernel."""
+
+    v_block: int = 64
+
+    kind: ClassVar[str] = "chunk"
+    template: ClassVar[str] = "kda_fwd.cuh"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self.v_block) is not int or self.v_block not in V_BLOCKS:
+            raise ValueError(f"v_block must be one of {V_BLOCKS} (an int), got {self.v_block!r}")
+
+    @property
+    def name(self) -> str:
+        return f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_{self._suffix()}"
 
     @property
     def threads(self) -> int:
@@ -73,24 +123,55 @@ class KernelSpec:
         return min(self.splits, 2)
 
     def source(self) -> str:
-        """The translation unit that instantiates the template for this spec."""
         args = (f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, "
                 f"{'true' if self.varlen else 'false'}")
-        cluster = f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else ""
-        return (
-            f'#include "{TEMPLATE}"\n'
-            f"// {self.name}\n"
+        return self._entry(
+            self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",
+            f"flash_kda::kda_fwd<{args}>(p)", f"sizeof(flash_kda::SharedStorage<{self.v_block}>)",
             f"static_assert(flash_kda::Config<{self.v_block}>::kThreads == {self.threads} && "
             f"flash_kda::Config<{self.v_block}>::kCluster == {self.cluster}, "
-            f'"spec.py and the template disagree on the launch shape");\n'
-            f'extern "C" __global__ void __launch_bounds__({self.threads}, 1) {cluster}\n'
-            f"{KERNEL_NAME}(const flash_kda::KdaParams p) {{\n"
-            f"  flash_kda::kda_fwd<{args}>(p);\n"
-            f"}}\n"
-            f'extern "C" __device__ unsigned int flash_kda_smem_bytes = '
-            f"sizeof(flash_kda::SharedStorage<{self.v_block}>);\n"
-            f'extern "C" __device__ const char flash_kda_spec[] = "{self.identity_tag().decode()}";\n'
-        )
+            f'"spec.py and the template disagree on the launch shape");\n')
+
+
+@dataclass(frozen=True)
+class DecodeSpec(_SpecBase):
+    """One compiled variant of the token-by-token kernel (decode, speculative verify)."""
+
+    kind: ClassVar[str] = "decode"
+    template: ClassVar[str] = "kda_decode.cuh"
+    threads: ClassVar[int] = DECODE_THREADS
+    cluster: ClassVar[int] = 1
+    # 8 CTAs of 128 threads per SM (64 registers a thread, no spills): enough state loads in flight
+    # to stream at the copy bandwidth
+    min_blocks_per_sm: ClassVar[int] = 8
+
+    @property
+    def name(self) -> str:
+        return f"kda_decode_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
+
+    @property
+    def splits(self) -> int:
+        """CTAs per (sequence, head): 16 value rows each."""
+        return self.head_v // DECODE_ROWS_PER_CTA
+
+    def source(self) -> str:
+        args = f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}"
+        return self._entry(
+            self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
+            f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
+            f"flash_kda::DecodeConfig::kCtasPerHead == {self.splits}, "
+            f'"spec.py and the template disagree on the launch shape");\n')
+
+
+AnySpec = Union[KernelSpec, DecodeSpec]
+SPEC_KINDS = {cls.kind: cls for cls in (KernelSpec, DecodeSpec)}
+
+
+def spec_from_dict(data: dict) -> AnySpec:
+    """The spec a cache entry's metadata describes (``to_dict``)."""
+    data = dict(data)
+    cls = SPEC_KINDS[data.pop("kind", "chunk")]
+    return cls(**data)
 
 
 def template_sources() -> dict[str, str]:
@@ -100,7 +181,9 @@ def template_sources() -> dict[str, str]:
             if entry.name.endswith((".cuh", ".h"))}
 
 
-def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[KernelSpec]:
+def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[AnySpec]:
     """Every specialisation the library may launch, for the given archs."""
-    for arch, s_in, s_out, varlen, vb in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True), V_BLOCKS):
-        yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch)
+    for arch, s_in, s_out, varlen in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True)):
+        for vb in V_BLOCKS:
+            yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch)
+        yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch)

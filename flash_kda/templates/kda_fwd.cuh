@@ -4,7 +4,8 @@
 // head, V-slice), and consecutive pairs of a (sequence, head)'s slices form one thread-block
 // cluster (Config<VB>::kCluster).  The recurrent state slice S (VB value rows x 128 key
 // columns, fp32) lives in the registers of the consumer warps as the accumulator of CuTe's
-// SM80 16x8x16 bf16 MMA atom; it is never written to memory between chunks.
+// SM80 16x8x16 bf16 MMA atom; it is never written to memory between chunks (except into the
+// checkpoints a caller asks for).
 //
 // Warp roles (warp specialisation):
 //   * producer warps (4 per CTA), one whole 16-token chunk each: load the raw chunk (cp.async,
@@ -23,53 +24,14 @@
 // lower_bound >= -5 and the chunk has 16 rows.
 #pragma once
 
-#include <cute/arch/mma_sm80.hpp>
-#include <cute/arch/copy_sm75.hpp>
-#include <cute/arch/copy_sm80.hpp>
-#include <cuda_bf16.h>
+#include "kda_arch.cuh"
+#include "kda_gate.cuh"
+#include "kda_params.cuh"
 
 namespace flash_kda {
 
-using bf16 = __nv_bfloat16;
-using cute::uint128_t;
-
-constexpr int kHeadK = 128;   // key head dim
-constexpr int kHeadV = 128;   // value head dim
-constexpr int kChunk = 16;    // tokens per chunk
 constexpr int kRowPad = 136;  // bf16 row stride of 16x128 tiles read by ldmatrix (no bank conflicts)
 constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
-
-// State storage kinds (must match flash_kda/jit/spec.py).
-constexpr int kStateNone = 0;
-constexpr int kStateBF16 = 1;
-constexpr int kStateFP32 = 2;
-
-// Kernel parameters, passed by value.  Field order and types must match
-// flash_kda/jit/params.py (ctypes mirror).
-struct KdaParams {
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
-  const bf16* g;
-  const bf16* beta;
-  bf16* out;
-  const float* A_log;     // [H] or null (a = 1)
-  const float* dt_bias;   // [H, K] or null (d = 0)
-  const void* initial_state;  // [N, H, V, K] or null
-  void* final_state;          // [N, H, V, K] or null
-  const void* cu_seqlens;     // [N + 1] int32 or int64, varlen only
-  long long total_tokens;     // rows of the flattened [B * T] token axis
-  int seq_len;                // T (fixed-length mode)
-  int num_heads;              // H
-  int num_seqs;               // N
-  int cu_seqlens_int64;       // 1 when cu_seqlens is int64
-  float scale;
-  float lower_bound;
-};
-
-// ---------------------------------------------------------------- helpers
-
-// ---------------------------------------------------------------- cluster and mbarrier helpers
 
 // Launch shape of one V-slice width: the cluster size, the warp roles and the slot ring.
 template <int VB>
@@ -86,123 +48,6 @@ struct Config {
   static constexpr int kConsumerThreads = kConsumerWarps * 32;
   static constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return rank;
-}
-
-// The shared::cluster address of `addr` (a shared::cta address) in the CTA of rank `rank`.
-__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
-  uint32_t mapped;
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(addr), "r"(rank));
-  return mapped;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-// Arrive on the mbarrier at `bar`: a shared::cta address (this CTA) or a shared::cluster address from
-// map_to_rank.  Release at CTA scope, as CUTLASS's cluster pipelines do: cluster scope would make ptxas
-// add MEMBAR.ALL.GPU, which waits for every outstanding global store.  Data crosses CTAs only through
-// the asynchronous copies below, whose bytes complete the barrier's transaction count.
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-
-// Announce `bytes` more bytes of asynchronous copies for the current phase of `bar` (shared::cluster).
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cluster.shared::cluster.b64 [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-
-// Wait until the phase of the given parity of this CTA's mbarrier has completed.
-__device__ __forceinline__ void mbar_wait(const uint64_t* bar, int parity) {
-  const uint32_t addr = smem_addr(bar);
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
-  } while (!done);
-}
-
-// 16 bytes into another CTA's shared memory; their arrival completes 16 bytes of `bar`'s transaction count.
-__device__ __forceinline__ void st_async_16(uint32_t addr, const uint4& v, uint32_t bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
-               :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar) : "memory");
-}
-
-// Bulk copy of this CTA's shared memory into another CTA's (the TMA unit); completes `bytes` of `bar`.
-__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(dst), "r"(smem_addr(src)), "r"(bytes), "r"(bar) : "memory");
-}
-
-// Generic-proxy writes to shared memory become visible to the async proxy (the bulk copy).
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Arguments
-// here stay in [-126, 126], so flushing subnormal results to zero changes nothing.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float fast_exp(float x) {  // e^x
-  return ex2(x * 1.4426950408889634f);
-}
-
-__device__ __forceinline__ float sigmoid(float x) {
-  return __fdividef(1.0f, 1.0f + fast_exp(-x));  // 0 when e^-x overflows: the right limit
-}
-
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1,
-                                            d[0], d[1], d[2], d[3]);
-}
-
-// Where lane `lane` points ldmatrix.x4 inside a 16x16 bf16 tile, for the 16x8x16 MMA:
-//   * ldsm_a_lane: the A fragment (rows = M); also B from a [k][n] tile with the .trans load;
-//   * ldsm_b_lane: the two B fragments n 0-7 and 8-15 from a [n][k] tile.
-struct LdsmLane {
-  int row, col;
-};
-__device__ __forceinline__ LdsmLane ldsm_a_lane(int lane) { return {(lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8}; }
-__device__ __forceinline__ LdsmLane ldsm_b_lane(int lane) { return {(lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8}; }
-
-__device__ __forceinline__ void ldsm_x4(const void* smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                        uint32_t& r3) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
-}
-__device__ __forceinline__ void ldsm_x4_t(const void* smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                          uint32_t& r3) {
-  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
-  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(gmem_src),
-                                                         *reinterpret_cast<uint128_t*>(smem_dst), pred);
-}
 
 // ---------------------------------------------------------------- shared memory
 
@@ -243,48 +88,40 @@ struct SharedStorage {
   uint64_t empty[Cfg::kSlots];  // slot consumed by every CTA (meaningful in the producing CTA)
 };
 
-// ---------------------------------------------------------------- sequence bounds
-
-template <bool VARLEN>
-__device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
-  if constexpr (VARLEN) {
-    long long b, e;
-    if (p.cu_seqlens_int64) {
-      const long long* cu = static_cast<const long long*>(p.cu_seqlens);
-      b = cu[seq];
-      e = cu[seq + 1];
-    } else {
-      const int* cu = static_cast<const int*>(p.cu_seqlens);
-      b = cu[seq];
-      e = cu[seq + 1];
-    }
-    // Never trust cu_seqlens: clamp into [0, total] and treat inverted ranges as empty.
-    b = b < 0 ? 0 : (b > p.total_tokens ? p.total_tokens : b);
-    e = e < b ? b : (e > p.total_tokens ? p.total_tokens : e);
-    bos = b;
-    eos = e;
-  } else {
-    bos = static_cast<long long>(seq) * p.seq_len;
-    eos = bos + p.seq_len;
-  }
-}
-
 // ---------------------------------------------------------------- producer
 
+// Where one producer warp reads its sequence's inputs: the first token of head h of each input, and
+// the token strides (elements; rows are 16-byte aligned, checked on the host).
+struct ChunkInputs {
+  const bf16 *q, *k, *g, *v, *beta;
+  long long q_token, k_token, g_token, v_token, beta_token;
+
+  __device__ __forceinline__ ChunkInputs(const KdaParams& p, bool varlen, int seq, long long bos, int h) {
+    const TensorStrides sq = input_strides(p, kInputQ, kHeadK), sk = input_strides(p, kInputK, kHeadK);
+    const TensorStrides sg = input_strides(p, kInputG, kHeadK), sv = input_strides(p, kInputV, kHeadV);
+    const TensorStrides sb = input_strides(p, kInputBeta, 1);
+    q = p.q + token_offset(sq, varlen, seq, bos, 0, h);
+    k = p.k + token_offset(sk, varlen, seq, bos, 0, h);
+    g = p.g + token_offset(sg, varlen, seq, bos, 0, h);
+    v = p.v + token_offset(sv, varlen, seq, bos, 0, h);
+    beta = p.beta + token_offset(sb, varlen, seq, bos, 0, h);
+    q_token = sq.token, k_token = sk.token, g_token = sg.token, v_token = sv.token, beta_token = sb.token;
+  }
+};
+
 template <int CV>
-__device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<CV>& raw, long long row0, int valid,
-                                                 int h, int v0, int lane) {
-  const long long H = p.num_heads;
+__device__ __forceinline__ void issue_chunk_load(const ChunkInputs& in, RawChunk<CV>& raw, long long t0, int valid,
+                                                 int v0, int lane) {
   // q, k, g: 16 rows x 16 vectors of 8 bf16 = 256 vectors each, 8 per lane.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int idx = lane + i * 32;
     const int r = idx >> 4, c8 = (idx & 15) * 8;
     const bool ok = r < valid;
-    const long long off = ok ? ((row0 + r) * H + h) * kHeadK + c8 : 0;
-    cp_async_16(&raw.q[r][c8], p.q + off, ok);
-    cp_async_16(&raw.k[r][c8], p.k + off, ok);
-    cp_async_16(&raw.g_ki[r][c8], p.g + off, ok);
+    const long long t = ok ? t0 + r : 0;
+    cp_async_16(&raw.q[r][c8], in.q + t * in.q_token + c8, ok);
+    cp_async_16(&raw.k[r][c8], in.k + t * in.k_token + c8, ok);
+    cp_async_16(&raw.g_ki[r][c8], in.g + t * in.g_token + c8, ok);
   }
   // v: columns v0 .. v0 + CV of 16 rows.
   constexpr int kVecPerRow = CV / 8;
@@ -293,8 +130,8 @@ __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<CV
     const int idx = lane + i * 32;
     const int r = idx / kVecPerRow, c8 = (idx % kVecPerRow) * 8;
     const bool ok = r < valid;
-    const long long off = ok ? ((row0 + r) * H + h) * kHeadV + v0 + c8 : 0;
-    cp_async_16(&raw.v[r][c8], p.v + off, ok);
+    const long long t = ok ? t0 + r : 0;
+    cp_async_16(&raw.v[r][c8], in.v + t * in.v_token + v0 + c8, ok);
   }
   cute::cp_async_fence();
 }
@@ -303,12 +140,11 @@ __device__ __forceinline__ void issue_chunk_load(const KdaParams& p, RawChunk<CV
 // (c / kCluster) % kProducerWarps == warp, i.e. chunk slot + k * kSlots, k = 0, 1, ..., always into
 // slot `slot` = warp * kCluster + rank of every CTA of the cluster.  `cv0`: the cluster's first
 // value column.
-template <int VB>
-__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int cv0, long long bos, int seq_len,
-                         int num_chunks, int rank, int warp, int lane) {
+template <int VB, bool VARLEN>
+__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int cv0, long long bos,
+                         int seq_len, int num_chunks, int rank, int warp, int lane) {
   using Cfg = Config<VB>;
   constexpr int kSlots = Cfg::kSlots;
-  constexpr float kLog2e = 1.4426950408889634f;
   const int slot = warp * Cfg::kCluster + rank;
   RawChunk<Cfg::kClusterV>& raw = sm.raw[warp];
   ProducerScratch& scr = sm.scratch[warp];
@@ -319,23 +155,18 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int c
   constexpr uint32_t kRemoteBytes = kBulkBytes + kChunk * VB * sizeof(bf16);
   static_assert(kBulkBytes % 16 == 0, "bulk copies move 16-byte multiples");
   const int c0 = lane * 4;  // key channels c0..c0+3 owned in the element-wise pass
-  // gate in log2 units: x2 = -log2(e) a (g + d); sigmoid = 1 / (1 + 2^x2); G2 += lb log2(e) sigmoid
-  const float a = p.A_log != nullptr ? fast_exp(p.A_log[h]) : 1.0f;
-  const float a2 = -a * kLog2e;
-  float d2[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) d2[j] = a2 * (p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c0 + j] : 0.0f);
-  const float lb2 = p.lower_bound * kLog2e;
+  const BoundedGate gate(p, h, c0);
+  const ChunkInputs in(p, VARLEN, seq, bos, h);
 
   auto chunk_valid = [&](int chunk) { return min(kChunk, seq_len - chunk * kChunk); };
   auto load_beta = [&](int chunk) {
     const int r = chunk * kChunk + lane;
-    return (lane < kChunk && r < seq_len) ? __bfloat162float(p.beta[(bos + r) * p.num_heads + h]) : 0.0f;
+    return (lane < kChunk && r < seq_len) ? __bfloat162float(in.beta[r * in.beta_token]) : 0.0f;
   };
 
   float beta_raw = 0.0f;
   if (slot < num_chunks) {
-    issue_chunk_load(p, raw, bos + static_cast<long long>(slot) * kChunk, chunk_valid(slot), h, cv0, lane);
+    issue_chunk_load(in, raw, static_cast<long long>(slot) * kChunk, chunk_valid(slot), cv0, lane);
     beta_raw = load_beta(slot);
   }
   for (int chunk = slot; chunk < num_chunks; chunk += kSlots) {
@@ -381,8 +212,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int c
       const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float s = __fdividef(1.0f, 1.0f + ex2(fmaf(a2, gr[j], d2[j])));
-        acc[j] = r < valid ? fmaf(lb2, s, acc[j]) : acc[j];
+        acc[j] = r < valid ? gate.accumulate(acc[j], gr[j], j) : acc[j];
         G[r][j] = acc[j];
       }
     }
@@ -468,8 +298,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int c
     __syncwarp();  // raw (ki included) fully read
     // Prefetch this warp's next chunk while the rest of this one is finished.
     if (chunk + kSlots < num_chunks) {
-      issue_chunk_load(p, raw, bos + static_cast<long long>(chunk + kSlots) * kChunk, chunk_valid(chunk + kSlots), h,
-                       cv0, lane);
+      issue_chunk_load(in, raw, static_cast<long long>(chunk + kSlots) * kChunk, chunk_valid(chunk + kSlots), cv0,
+                       lane);
       beta_raw = load_beta(chunk + kSlots);
     }
     const float beta_lo = __shfl_sync(0xffffffffu, bsig, gq), beta_hi = __shfl_sync(0xffffffffu, bsig, gq + 8);
@@ -523,34 +353,85 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int h, int c
 
 // ---------------------------------------------------------------- consumer
 
+constexpr int kStateTiles = kHeadK / 8;
+constexpr int kNoChunk = 0x7fffffff;  // a consumer lane's state: 16 accumulator tiles of 16x8 across the keys
+
+// Element (row, key) index, relative to a state's first element, of a lane's accumulator tile n, half hh:
+// tile n covers keys 8n..8n+7; elements 2hh, 2hh+1 sit on row row_lo + 8hh, keys 8n + 2tq + {0, 1}.
+__device__ __forceinline__ long long fragment_index(int row_lo, int tq, int n, int hh) {
+  return static_cast<long long>(row_lo + hh * 8) * kHeadK + n * 8 + tq * 2;
+}
+
+template <int KIND>
+__device__ __forceinline__ void store_fragment(void* base, long long offset, const float (&S)[kStateTiles][4],
+                                               int row_lo, int tq) {
+#pragma unroll
+  for (int n = 0; n < kStateTiles; ++n) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      store_state2<KIND>(base, offset + fragment_index(row_lo, tq, n, hh), S[n][hh * 2], S[n][hh * 2 + 1]);
+    }
+  }
+}
+
+// Checkpoint c of a sequence is the state after its first checkpoint_offsets[seq, c] tokens, stored when
+// that offset is a positive multiple of kChunk within the sequence (after chunk offset / kChunk - 1).
+// The first chunk after `after` that ends at a checkpoint, or kNoChunk.
+__device__ __forceinline__ int next_checkpoint_chunk(const KdaParams& p, int seq, int after, int seq_len) {
+  int next = kNoChunk;
+  for (int c = 0; c < p.ext.ckpt.num_checkpoints; ++c) {
+    const long long offset =
+        load_index(p.ext.ckpt.checkpoint_offsets, p.ext.ckpt.offsets_int64, static_cast<long long>(seq) * p.ext.ckpt.num_checkpoints + c);
+    if (offset > 0 && offset <= seq_len && offset % kChunk == 0) {
+      const int chunk = static_cast<int>(offset / kChunk) - 1;
+      if (chunk > after && chunk < next) next = chunk;
+    }
+  }
+  return next;
+}
+
+__device__ __forceinline__ void store_checkpoints(const KdaParams& p, int seq, int h, int chunk,
+                                                  const float (&S)[kStateTiles][4], int row_lo, int tq) {
+  const long long tokens = static_cast<long long>(chunk + 1) * kChunk;
+  for (int c = 0; c < p.ext.ckpt.num_checkpoints; ++c) {
+    const long long index = static_cast<long long>(seq) * p.ext.ckpt.num_checkpoints + c;
+    if (load_index(p.ext.ckpt.checkpoint_offsets, p.ext.ckpt.offsets_int64, index) != tokens) continue;
+    const long long offset = (index * p.num_heads + h) * kHeadV * kHeadK;
+    if (p.ext.ckpt.checkpoint_bf16) {
+      store_fragment<kStateBF16>(p.ext.ckpt.checkpoint_state, offset, S, row_lo, tq);
+    } else {
+      store_fragment<kStateFP32>(p.ext.ckpt.checkpoint_state, offset, S, row_lo, tq);
+    }
+  }
+}
+
 template <int VB, int STATE_IN, int STATE_OUT>
-__device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int v0, long long bos,
-                         int seq_len, int num_chunks, int cw, int lane) {
+__device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, const StatePlan& plan, int seq, int h, int v0,
+                         long long bos, int seq_len, int num_chunks, int cw, int lane) {
   constexpr int kSlots = Config<VB>::kSlots;
   constexpr int kCluster = Config<VB>::kCluster;
-  constexpr int kTiles = kHeadK / 8;  // 16 accumulator tiles of 16x8 across the key axis
+  constexpr int kTiles = kStateTiles;
   const int gq = lane >> 2, tq = lane & 3;
   const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);  // ldmatrix.x4 lane addresses
   const int row_lo = v0 + cw * 16 + gq;  // value row of accumulator elements 0,1 (elements 2,3: +8)
-  const long long state_base = (static_cast<long long>(seq) * p.num_heads + h) * kHeadV * kHeadK;
 
-  // S[v][k]: tile n covers keys 8n..8n+7; element e: row row_lo + 8*(e>>1), key 8n + 2tq + (e&1).
+  // S[v][k] as MMA accumulators (fragment_index gives each element's place).
   float S[kTiles][4];
 #pragma unroll
   for (int n = 0; n < kTiles; ++n) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const long long idx = state_base + static_cast<long long>(row_lo + hh * 8) * kHeadK + n * 8 + tq * 2;
       float2 val = make_float2(0.0f, 0.0f);
-      if constexpr (STATE_IN == kStateFP32) {
-        val = *reinterpret_cast<const float2*>(static_cast<const float*>(p.initial_state) + idx);
-      } else if constexpr (STATE_IN == kStateBF16) {
-        val = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(p.initial_state) + idx));
+      if constexpr (STATE_IN != kStateNone) {
+        if (plan.read_offset >= 0) {
+          val = load_state2<STATE_IN>(p.initial_state, plan.read_offset + fragment_index(row_lo, tq, n, hh));
+        }
       }
       S[n][hh * 2] = val.x;
       S[n][hh * 2 + 1] = val.y;
     }
   }
+  int checkpoint_chunk = (p.features & kFeatureCheckpoints) ? next_checkpoint_chunk(p, seq, -1, seq_len) : kNoChunk;
 
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int s = chunk % kSlots;
@@ -617,6 +498,10 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       mma16816(S[n], uf, rb[0], rb[1]);
       mma16816(S[n + 1], uf, rb[2], rb[3]);
     }
+    if (chunk == checkpoint_chunk) {  // S is now the state after this chunk's last token
+      store_checkpoints(p, seq, h, chunk, S, row_lo, tq);
+      checkpoint_chunk = next_checkpoint_chunk(p, seq, chunk, seq_len);
+    }
     // The slot is no longer needed here: tell its producing CTA (rank s % kCluster).
     if (chunk + kSlots < num_chunks) {
       const uint32_t empty = smem_addr(&sm.empty[s]);
@@ -642,21 +527,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     __syncwarp();
   }
 
-  if constexpr (STATE_OUT != kStateNone) {
-#pragma unroll
-    for (int n = 0; n < kTiles; ++n) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const long long idx = state_base + static_cast<long long>(row_lo + hh * 8) * kHeadK + n * 8 + tq * 2;
-        if constexpr (STATE_OUT == kStateFP32) {
-          *reinterpret_cast<float2*>(static_cast<float*>(p.final_state) + idx) = make_float2(S[n][hh * 2], S[n][hh * 2 + 1]);
-        } else {
-          *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(p.final_state) + idx) =
-              __floats2bfloat162_rn(S[n][hh * 2], S[n][hh * 2 + 1]);
-        }
-      }
-    }
-  }
+  if constexpr (STATE_OUT != kStateNone) store_fragment<STATE_OUT>(p.final_state, plan.write_offset, S, row_lo, tq);
 }
 
 // ---------------------------------------------------------------- entry
@@ -678,6 +549,8 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   const int h = (block / kSplits) % p.num_heads;
   const int seq = block / kSplits / p.num_heads;
   const int v0 = split * VB;
+  const StatePlan plan = plan_state(p, seq, h);
+  if (plan.skip) return;  // an invalid pool slot: every CTA of the cluster (one (sequence, head)) leaves here
   long long bos, eos;
   sequence_bounds<VARLEN>(p, seq, bos, eos);
   const int seq_len = static_cast<int>(eos - bos);
@@ -696,9 +569,10 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
 
   if (threadIdx.x >= Cfg::kConsumerThreads) {
     const int ptid = threadIdx.x - Cfg::kConsumerThreads;
-    producer<VB>(p, sm, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
+    producer<VB, VARLEN>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
-    consumer<VB, STATE_IN, STATE_OUT>(p, sm, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5, threadIdx.x & 31);
+    consumer<VB, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
+                                      threadIdx.x & 31);
   }
   // No CTA leaves while another may still write into its slots or arrive on its barriers.
   if constexpr (kCluster > 1) cluster_sync();

@@ -1,0 +1,152 @@
+"""The serving path: decode, speculative verify and chunked prefill on a state pool, against FLA's
+``fused_recurrent_kda_fwd`` (pool in place) and the state-traffic floor, timed in the same process.
+
+Times are ``triton.testing.do_bench`` medians (the L2 is flushed before every call, and the flush
+kernel hides the host launch cost, as in BASELINES.md). The floor is the state bytes a step must
+move (each addressed state read once and written once, or written once per token when verify
+stores every token's state) over the device-to-device copy bandwidth measured here.
+Usage: python benchmarks/bench_decode.py [--no-fla]"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+
+import torch
+from triton.testing import do_bench
+
+import flash_kda
+
+from common import make_inputs
+
+H, VK = 32, 128 * 128
+TARGET_VS_FLA = 1.2     # decode at small N: at least this much faster than FLA
+TARGET_VS_FLOOR = 1.1   # large N decode and verify: within this factor of the floor
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per ms of a large device-to-device copy (read + write)."""
+    src = torch.empty(256 * 2**20, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / bench(lambda: dst.copy_(src))
+
+
+def fla_fused_recurrent():
+    try:
+        from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
+    except ImportError:
+        return None
+    accepted = set(inspect.signature(fused_recurrent_kda_fwd).parameters)
+
+    def call(inp, pool, cu, indices, num_accepted=None):
+        kw = dict(q=inp["q"], k=inp["k"], v=inp["v"], g=inp["g"], beta=inp["beta"], A_log=inp["A_log"],
+                  dt_bias=inp["dt_bias"], initial_state=pool, scale=128 ** -0.5, output_final_state=True,
+                  inplace_final_state=True, state_v_first=True, cu_seqlens=cu, ssm_state_indices=indices,
+                  num_accepted_tokens=num_accepted, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                  use_beta_sigmoid_in_kernel=True, lower_bound=-5.0)
+        return fused_recurrent_kda_fwd(**{k: v for k, v in kw.items() if k in accepted})
+
+    return call
+
+
+def pool_of(slots: int, dtype) -> torch.Tensor:
+    return (torch.randn(slots, H, 128, 128, device="cuda") * 0.1).to(dtype)
+
+
+def decode_case(N: int, dtype, fla, bandwidth: float) -> tuple:
+    slots = max(512, 2 * N)
+    inp = make_inputs(1, N, H, seed=N)
+    cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
+    indices = torch.randperm(slots, device="cuda")[:N].to(torch.int32)
+    pool = pool_of(slots, dtype)
+    out = torch.empty_like(inp["v"])
+
+    def ours():
+        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
+                      inp["dt_bias"], -5.0, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices,
+                      max_seqlen=1)
+
+    t_ours = bench(ours)
+    t_fla = bench(lambda: fla(inp, pool, cu, indices)) if fla else None
+    floor = 2 * N * H * VK * pool.element_size() / bandwidth
+    return t_ours, t_fla, floor
+
+
+def verify_case(N: int, T: int, dtype, fla, bandwidth: float) -> tuple:
+    slots = max(512, 2 * N * T)
+    inp = make_inputs(1, N * T, H, seed=7)
+    cu = torch.arange(0, N * T + 1, T, device="cuda", dtype=torch.int32)
+    indices = torch.randperm(slots, device="cuda")[:N * T].view(N, T).to(torch.int32)
+    accepted = torch.randint(1, T + 1, (N,), device="cuda", dtype=torch.int32)
+    pool = pool_of(slots, dtype)
+    out = torch.empty_like(inp["v"])
+
+    def ours():
+        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
+                      inp["dt_bias"], -5.0, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices,
+                      num_accepted_tokens=accepted, max_seqlen=T)
+
+    t_ours = bench(ours)
+    t_fla = bench(lambda: fla(inp, pool, cu, indices, accepted)) if fla else None
+    floor = (1 + T) * N * H * VK * pool.element_size() / bandwidth
+    return t_ours, t_fla, floor
+
+
+def chunked_prefill_case(N: int, T: int) -> tuple:
+    """Chunked prefill from a pool vs the same call on dense states (same kernel): the pool's cost."""
+    inp = make_inputs(1, N * T, H, seed=8)
+    cu = torch.arange(0, N * T + 1, T, device="cuda", dtype=torch.int32)
+    pool = pool_of(512, torch.float32)
+    indices = torch.randperm(512, device="cuda")[:N].to(torch.int32)
+    dense = pool[indices.long()].clone()
+    out = torch.empty_like(inp["v"])
+    base = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"], inp["dt_bias"], -5.0)
+    t_pool = bench(lambda: flash_kda.fwd(*base, initial_state=pool, final_state=pool, cu_seqlens=cu,
+                                         state_indices=indices, max_seqlen=T))
+    t_dense = bench(lambda: flash_kda.fwd(*base, initial_state=dense, final_state=dense, cu_seqlens=cu, max_seqlen=T))
+    return t_pool, t_dense
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-fla", action="store_true")
+    args = parser.parse_args()
+    fla = None if args.no_fla else fla_fused_recurrent()
+    props = torch.cuda.get_device_properties(0)
+    bandwidth = copy_bandwidth()
+    print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, flash_kda "
+          f"{flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}; FLA fused_recurrent "
+          f"{'timed' if fla else 'not available'}; copy bandwidth {bandwidth / 1e9:.2f} TB/s (read + write)")
+    print(f"\nH = {H}, K = V = 128, pool of max(512, 2N) slots, random slots, bounded gate; "
+          "do_bench medians in ms; floor = state bytes / copy bandwidth\n")
+    print("| case | pool | ours ms | FLA ms | FLA/ours | floor ms | ours/floor | target | pass |")
+    print("|---|---|---:|---:|---:|---:|---:|---|:---:|")
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for N in (1, 8, 32, 128, 256, 1024):
+            ours, theirs, floor = decode_case(N, dtype, fla, bandwidth)
+            if N <= 32:
+                target, ok = f"≥ {TARGET_VS_FLA}× FLA", theirs is not None and theirs / ours >= TARGET_VS_FLA
+            else:
+                target, ok = f"≤ {TARGET_VS_FLOOR}× floor", ours / floor <= TARGET_VS_FLOOR
+            print(_row(f"decode T=1 N={N}", label, ours, theirs, floor, target, ok))
+        ours, theirs, floor = verify_case(64, 4, dtype, fla, bandwidth)
+        print(_row("verify N=64 T=4, state per token", label, ours, theirs, floor, f"≤ {TARGET_VS_FLOOR}× floor",
+                   ours / floor <= TARGET_VS_FLOOR))
+    t_pool, t_dense = chunked_prefill_case(8, 256)
+    print(f"\nchunked prefill N=8 × 256 (fp32): from the pool {t_pool:.4f} ms, dense states {t_dense:.4f} ms, "
+          f"ratio {t_pool / t_dense:.3f} (target ≤ 1.05: {'pass' if t_pool / t_dense <= 1.05 else 'fail'})")
+
+
+def _row(case, dtype, ours, theirs, floor, target, ok) -> str:
+    fla_ms = f"{theirs:.4f}" if theirs is not None else "—"
+    ratio = f"{theirs / ours:.2f}×" if theirs is not None else "—"
+    return (f"| {case} | {dtype} | {ours:.4f} | {fla_ms} | {ratio} | {floor:.4f} | {ours / floor:.2f} | {target} | "
+            f"{'pass' if ok else 'fail'} |")
+
+
+if __name__ == "__main__":
+    main()

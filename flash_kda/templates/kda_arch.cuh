@@ -1,0 +1,158 @@
+// flash_kda: architecture primitives used by the kernels, one wrapper per instruction.
+//
+// Everything below sm_90 (mma.sync, ldmatrix, cp.async, ex2.approx) runs on sm_80 and later;
+// the cluster / mbarrier-transaction / bulk-copy wrappers need sm_90 and are only referenced by
+// the clustered chunk kernel.
+#pragma once
+
+#include <cute/arch/mma_sm80.hpp>
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cuda_bf16.h>
+
+namespace flash_kda {
+
+using bf16 = __nv_bfloat16;
+using cute::uint128_t;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// ---------------------------------------------------------------- clusters and mbarriers (sm_90)
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// The shared::cluster address of `addr` (a shared::cta address) in the CTA of rank `rank`.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t mapped;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(addr), "r"(rank));
+  return mapped;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Arrive on the mbarrier at `bar`: a shared::cta address (this CTA) or a shared::cluster address from
+// map_to_rank.  Release at CTA scope, as CUTLASS's cluster pipelines do: cluster scope would make ptxas
+// add MEMBAR.ALL.GPU, which waits for every outstanding global store.  Data crosses CTAs only through
+// the asynchronous copies below, whose bytes complete the barrier's transaction count.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+
+// Announce `bytes` more bytes of asynchronous copies for the current phase of `bar` (shared::cluster).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cluster.shared::cluster.b64 [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+
+// Wait until the phase of the given parity of this CTA's mbarrier has completed.
+__device__ __forceinline__ void mbar_wait(const uint64_t* bar, int parity) {
+  const uint32_t addr = smem_addr(bar);
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+  } while (!done);
+}
+
+// 16 bytes into another CTA's shared memory; their arrival completes 16 bytes of `bar`'s transaction count.
+__device__ __forceinline__ void st_async_16(uint32_t addr, const uint4& v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+               :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar) : "memory");
+}
+
+// Bulk copy of this CTA's shared memory into another CTA's (the TMA unit); completes `bytes` of `bar`.
+__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "r"(smem_addr(src)), "r"(bytes), "r"(bar) : "memory");
+}
+
+// Generic-proxy writes to shared memory become visible to the async proxy (the bulk copy).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// ---------------------------------------------------------------- math
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 unpack_bf16(uint32_t packed) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+}
+
+// 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Arguments
+// here stay in [-126, 126], so flushing subnormal results to zero changes nothing.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float fast_exp(float x) {  // e^x
+  return ex2(x * kLog2e);
+}
+
+__device__ __forceinline__ float sigmoid(float x) {
+  return __fdividef(1.0f, 1.0f + fast_exp(-x));  // 0 when e^-x overflows: the right limit
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the total.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+// ---------------------------------------------------------------- tensor-core fragments (sm_80+)
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1,
+                                            d[0], d[1], d[2], d[3]);
+}
+
+// Where lane `lane` points ldmatrix.x4 inside a 16x16 bf16 tile, for the 16x8x16 MMA:
+//   * ldsm_a_lane: the A fragment (rows = M); also B from a [k][n] tile with the .trans load;
+//   * ldsm_b_lane: the two B fragments n 0-7 and 8-15 from a [n][k] tile.
+struct LdsmLane {
+  int row, col;
+};
+__device__ __forceinline__ LdsmLane ldsm_a_lane(int lane) { return {(lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8}; }
+__device__ __forceinline__ LdsmLane ldsm_b_lane(int lane) { return {(lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8}; }
+
+__device__ __forceinline__ void ldsm_x4(const void* smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                        uint32_t& r3) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
+}
+__device__ __forceinline__ void ldsm_x4_t(const void* smem_row, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                          uint32_t& r3) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
+}
+
+// ---------------------------------------------------------------- asynchronous global -> shared copies (sm_80+)
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(gmem_src),
+                                                         *reinterpret_cast<uint128_t*>(smem_dst), pred);
+}
+
+}  // namespace flash_kda

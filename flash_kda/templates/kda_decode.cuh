@@ -1,0 +1,159 @@
+// flash_kda: token-by-token KDA for short sequences: decode (1 token) and speculative verify (a few,
+// with the state after every token stored in a pool slot).
+//
+// The work is memory-bound (each state is read once and written once, or once per token in verify),
+// so the kernel is built for bandwidth: a warp owns kRowsPerWarp value rows of one (sequence, head)
+// state, each lane four consecutive key channels of each row (16-byte fp32 / 8-byte bf16 accesses,
+// 512 contiguous bytes per row and warp); the rows stay in registers across the sequence's tokens.
+// Small CTAs (4 warps, 16 rows) give 8 CTAs per (sequence, head): 256 CTAs even at N = 1, H = 32.
+//
+// Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
+//   sk = s . k^,  sq = scale s . q^    (one butterfly reduction for all rows of the warp)
+//   u  = beta (v_row - sk),   S_row = s + u k^,   o_row = sq + u (scale k^ . q^).
+// Every warp recomputes the token's norms and gate for its own channels (L2-resident inputs,
+// far fewer bytes than the state it streams).
+#pragma once
+
+#include "kda_arch.cuh"
+#include "kda_gate.cuh"
+#include "kda_params.cuh"
+
+namespace flash_kda {
+
+struct DecodeConfig {
+  static constexpr int kRowsPerWarp = 4;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsPerCta = kRowsPerWarp * kWarps;
+  static constexpr int kCtasPerHead = kHeadV / kRowsPerCta;  // grid: N * H * kCtasPerHead
+};
+
+template <int STATE_IN, int STATE_OUT, bool VARLEN>
+__device__ __forceinline__ void kda_decode(const KdaParams& p) {
+  using Cfg = DecodeConfig;
+  constexpr int R = Cfg::kRowsPerWarp;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int block = blockIdx.x;
+  const int h = (block / Cfg::kCtasPerHead) % p.num_heads;
+  const int seq = block / Cfg::kCtasPerHead / p.num_heads;
+  const int row0 = (block % Cfg::kCtasPerHead) * Cfg::kRowsPerCta + warp * R;  // this warp's first value row
+  const int c0 = lane * 4;                                                       // this lane's first key channel
+
+  const StatePlan plan = plan_state(p, seq, h);
+  if (plan.skip) return;  // an invalid pool slot: no state read or written, no output row written
+  long long bos, eos;
+  sequence_bounds<VARLEN>(p, seq, bos, eos);
+  const int seq_len = static_cast<int>(eos - bos);
+  const bool per_token = (p.features & kFeaturePerToken) != 0;
+
+  float S[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if constexpr (STATE_IN != kStateNone) {
+      if (plan.read_offset >= 0) {
+        row = load_state4<STATE_IN>(p.initial_state, plan.read_offset + static_cast<long long>(row0 + r) * kHeadK + c0);
+      }
+    }
+    S[r][0] = row.x, S[r][1] = row.y, S[r][2] = row.z, S[r][3] = row.w;
+  }
+
+  const BoundedGate gate(p, h, c0);
+  const TensorStrides sq = input_strides(p, kInputQ, kHeadK), sk = input_strides(p, kInputK, kHeadK);
+  const TensorStrides sg = input_strides(p, kInputG, kHeadK), sv = input_strides(p, kInputV, kHeadV);
+  const TensorStrides sb = input_strides(p, kInputBeta, 1);
+  const bf16* q_head = p.q + token_offset(sq, VARLEN, seq, bos, 0, h) + c0;
+  const bf16* k_head = p.k + token_offset(sk, VARLEN, seq, bos, 0, h) + c0;
+  const bf16* g_head = p.g + token_offset(sg, VARLEN, seq, bos, 0, h) + c0;
+  const bf16* v_head = p.v + token_offset(sv, VARLEN, seq, bos, 0, h) + row0;
+  const bf16* beta_head = p.beta + token_offset(sb, VARLEN, seq, bos, 0, h);
+
+  for (int t = 0; t < seq_len; ++t) {
+    const uint2 q_raw = *reinterpret_cast<const uint2*>(q_head + t * sq.token);
+    const uint2 k_raw = *reinterpret_cast<const uint2*>(k_head + t * sk.token);
+    const uint2 g_raw = *reinterpret_cast<const uint2*>(g_head + t * sg.token);
+    const uint2 v_raw = *reinterpret_cast<const uint2*>(v_head + t * sv.token);  // this warp's R = 4 values
+    const float beta = sigmoid(__bfloat162float(beta_head[t * sb.token]));
+    const float2 q01 = unpack_bf16(q_raw.x), q23 = unpack_bf16(q_raw.y);
+    const float2 k01 = unpack_bf16(k_raw.x), k23 = unpack_bf16(k_raw.y);
+    const float2 g01 = unpack_bf16(g_raw.x), g23 = unpack_bf16(g_raw.y);
+    const float2 v01 = unpack_bf16(v_raw.x), v23 = unpack_bf16(v_raw.y);
+    const float q[4] = {q01.x, q01.y, q23.x, q23.y}, k[4] = {k01.x, k01.y, k23.x, k23.y};
+    const float g[4] = {g01.x, g01.y, g23.x, g23.y}, v[R] = {v01.x, v01.y, v23.x, v23.y};
+
+    float q_sq = 0.0f, k_sq = 0.0f, qk = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      q_sq = fmaf(q[j], q[j], q_sq);
+      k_sq = fmaf(k[j], k[j], k_sq);
+      qk = fmaf(q[j], k[j], qk);
+    }
+    q_sq = warp_sum(q_sq);
+    k_sq = warp_sum(k_sq);
+    qk = warp_sum(qk);
+    const float q_scale = rsqrtf(q_sq + 1e-6f) * p.scale;  // q^ = q q_scale / scale, scale folded in
+    const float k_scale = rsqrtf(k_sq + 1e-6f);
+    const float qk_norm = qk * q_scale * k_scale;          // scale k^ . q^
+    float k_norm[4], q_norm[4], decay[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      k_norm[j] = k[j] * k_scale;
+      q_norm[j] = q[j] * q_scale;
+      decay[j] = ex2(gate.accumulate(0.0f, g[j], j));
+    }
+
+    float sk_part[R], sq_part[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sk_part[r] = 0.0f, sq_part[r] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        S[r][j] *= decay[j];
+        sk_part[r] = fmaf(S[r][j], k_norm[j], sk_part[r]);
+        sq_part[r] = fmaf(S[r][j], q_norm[j], sq_part[r]);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {  // all 2R sums at once: independent shuffles in flight
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        sk_part[r] += __shfl_xor_sync(kFullMask, sk_part[r], off);
+        sq_part[r] += __shfl_xor_sync(kFullMask, sq_part[r], off);
+      }
+    }
+    float o[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float u = beta * (v[r] - sk_part[r]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[r][j] = fmaf(u, k_norm[j], S[r][j]);
+      o[r] = fmaf(u, qk_norm, sq_part[r]);
+    }
+    if (lane == 0) {
+      bf16* out = p.out + ((bos + t) * p.num_heads + h) * kHeadV + row0;
+      *reinterpret_cast<uint2*>(out) = make_uint2(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]));
+    }
+    if constexpr (STATE_OUT != kStateNone) {
+      if (per_token) {
+        const long long offset = token_state_offset(p, seq, h, t);
+        if (offset >= 0) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            store_state4<STATE_OUT>(p.final_state, offset + static_cast<long long>(row0 + r) * kHeadK + c0, S[r]);
+          }
+        }
+      }
+    }
+  }
+
+  if constexpr (STATE_OUT != kStateNone) {
+    if (!per_token) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        store_state4<STATE_OUT>(p.final_state, plan.write_offset + static_cast<long long>(row0 + r) * kHeadK + c0, S[r]);
+      }
+    }
+  }
+}
+
+}  // namespace flash_kda

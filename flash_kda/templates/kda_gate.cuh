@@ -1,0 +1,33 @@
+// flash_kda: the gate, i.e. each token's per-channel log decay gamma (docs/algorithm.md, section 1).
+//
+// Kernels work in log2 units (decay = 2^G2) so that every exponential is one ex2.approx.
+// A gate object is built once per (head, four key channels) and then accumulates gamma2 per token.
+#pragma once
+
+#include "kda_params.cuh"
+
+namespace flash_kda {
+
+// gamma = lb * sigmoid(a (g + d)) with a = e^{A_log}, d = dt_bias; in log2 units
+//   gamma2 = lb log2(e) / (1 + 2^(-log2(e) a (g + d))).
+struct BoundedGate {
+  float a2;     // -log2(e) a
+  float d2[4];  // -log2(e) a d, per channel
+  float lb2;    // lb log2(e)
+
+  __device__ __forceinline__ BoundedGate(const KdaParams& p, int h, int c0) {
+    const float a = p.A_log != nullptr ? fast_exp(p.A_log[h]) : 1.0f;
+    a2 = -a * kLog2e;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d2[j] = a2 * (p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c0 + j] : 0.0f);
+    lb2 = p.lower_bound * kLog2e;
+  }
+
+  // G2 + gamma2 of raw gate logit g on channel c0 + j.
+  __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
+    const float s = __fdividef(1.0f, 1.0f + ex2(fmaf(a2, g, d2[j])));
+    return fmaf(lb2, s, G2);
+  }
+};
+
+}  // namespace flash_kda

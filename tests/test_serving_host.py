@@ -1,0 +1,210 @@
+"""The serving arguments on the host side (CPU machine, device calls stubbed): which kernel runs,
+what reaches the kernel's parameters, and the errors that name each argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_kda
+from flash_kda import checks
+from flash_kda.jit.params import (FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEATURE_PER_TOKEN, FEATURE_POOL,
+                                  FEATURE_STRIDED)
+from flash_kda.jit.spec import DecodeSpec, KernelSpec
+
+from stub_device import device, inputs, launch_params  # noqa: F401  (device is a fixture)
+
+H, VK = 2, 128 * 128
+
+
+def pool(slots=6, dtype=torch.float32, pad=0):
+    """A pool [slots, H, V, K], with ``pad`` elements between slots (a paged cache)."""
+    storage = torch.zeros(slots, H * VK + pad, dtype=dtype)
+    return storage[:, :H * VK].view(slots, H, 128, 128)
+
+
+def launched(device) -> tuple:
+    (spec, blocks, _, params), = device[1]
+    device[1].clear()
+    return spec, blocks, launch_params((spec, blocks, None, params))
+
+
+def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
+    args = inputs(B=3, T=1, H=H)
+    states = pool(slots=8, pad=24)
+    indices = torch.tensor([5, 0, 7], dtype=torch.int32)
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), state_indices=indices)
+    spec, blocks, p = launched(device)
+    assert isinstance(spec, DecodeSpec) and (spec.state_in, spec.state_out, spec.varlen) == ("fp32", "fp32", False)
+    assert blocks == 3 * H * 8
+    assert p["features"] == FEATURE_POOL
+    assert p["ext.pool.state_indices"] == indices.data_ptr() and p["ext.pool.indices_int64"] == 0
+    assert (p["ext.pool.initial_slot_stride"], p["ext.pool.final_slot_stride"]) == (H * VK + 24, H * VK + 24)
+    assert (p["ext.pool.num_slots"], p["ext.pool.indices_cols"], p["ext.pool.indices_row_stride"]) == (8, 1, 1)
+
+
+def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):
+    args = inputs(B=2, T=40, H=H)
+    flash_kda.fwd(**args | dict(initial_state=pool(5, torch.bfloat16), final_state=pool(9)),
+                  state_indices=torch.tensor([4, 1]))
+    spec, _, p = launched(device)
+    assert isinstance(spec, KernelSpec) and (spec.state_in, spec.state_out) == ("bf16", "fp32")
+    assert p["ext.pool.num_slots"] == 5 and p["ext.pool.indices_int64"] == 1
+
+
+@pytest.mark.parametrize("max_seqlen,kernel", [(None, KernelSpec), (1, DecodeSpec), (15, DecodeSpec),
+                                               (16, KernelSpec), (300, KernelSpec)])
+def test_varlen_picks_the_decode_kernel_from_the_max_seqlen_hint(device, max_seqlen, kernel):
+    args = inputs(T=6, H=H, varlen=[0, 1, 2, 6], state=torch.float32, final_state=torch.float32)
+    flash_kda.fwd(**args, max_seqlen=max_seqlen)
+    spec, blocks, _ = launched(device)
+    assert type(spec) is kernel and blocks == 3 * H * spec.splits
+
+
+@pytest.mark.parametrize("T,kernel", [(1, DecodeSpec), (15, DecodeSpec), (16, KernelSpec)])
+def test_fixed_layout_picks_the_kernel_from_T(device, T, kernel):
+    flash_kda.fwd(**inputs(B=2, T=T, H=H))
+    assert type(launched(device)[0]) is kernel
+
+
+def test_per_token_states_for_speculative_verify(device):
+    args = inputs(T=7, H=H, varlen=[0, 4, 7])
+    states = pool(10)
+    indices = torch.tensor([[3, 4, 5, -1], [6, 7, 8, 9]], dtype=torch.int64)
+    accepted = torch.tensor([2, 1], dtype=torch.int32)
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), state_indices=indices,
+                  num_accepted_tokens=accepted)  # no max_seqlen: per-token states always run the decode kernel
+    spec, _, p = launched(device)
+    assert isinstance(spec, DecodeSpec) and spec.varlen
+    assert p["features"] == FEATURE_POOL | FEATURE_PER_TOKEN
+    assert (p["ext.pool.indices_row_stride"], p["ext.pool.indices_cols"], p["ext.pool.indices_int64"]) == (4, 4, 1)
+    assert p["ext.pool.num_accepted_tokens"] == accepted.data_ptr() and p["ext.pool.accepted_int64"] == 0
+
+
+def test_checkpoints_run_the_chunked_kernel_even_for_short_sequences(device):
+    args = inputs(B=2, T=8, H=H, state=torch.float32, final_state=torch.float32)
+    offsets = torch.tensor([[0, 16], [-1, 4]])
+    ckpt = torch.zeros(2, 2, H, 128, 128, dtype=torch.bfloat16)
+    flash_kda.fwd(**args, checkpoint_offsets=offsets, checkpoint_state=ckpt)
+    spec, _, p = launched(device)
+    assert isinstance(spec, KernelSpec) and p["features"] == FEATURE_CHECKPOINTS
+    assert (p["ext.ckpt.checkpoint_offsets"], p["ext.ckpt.checkpoint_state"]) == (offsets.data_ptr(), ckpt.data_ptr())
+    assert (p["ext.ckpt.num_checkpoints"], p["ext.ckpt.offsets_int64"], p["ext.ckpt.checkpoint_bf16"]) == (2, 1, 1)
+
+
+def test_has_initial_state_and_strided_inputs_reach_the_kernel(device):
+    T = 5
+    qkv = torch.randn(1, T, H, 3 * 128).bfloat16()  # a fused projection: q, k, v are slices of it
+    args = inputs(T=T, H=H, state=torch.float32, final_state=torch.float32)
+    args.update(q=qkv[..., :128], k=qkv[..., 128:256], v=qkv[..., 256:])
+    args["beta"] = torch.randn(1, H, T).bfloat16().transpose(1, 2)  # any strides
+    has = torch.tensor([False])
+    flash_kda.fwd(**args, has_initial_state=has)
+    spec, _, p = launched(device)
+    assert p["features"] == FEATURE_STRIDED | FEATURE_HAS_INITIAL and p["ext.pool.has_initial_state"] == has.data_ptr()
+    assert p["q"] == qkv.data_ptr() and p["k"] == qkv.data_ptr() + 256 and p["v"] == qkv.data_ptr() + 512
+    assert (p["ext.q.batch"], p["ext.q.token"], p["ext.q.head"]) == (T * H * 384, H * 384, 384)
+    assert (p["ext.beta.batch"], p["ext.beta.token"], p["ext.beta.head"]) == (H * T, 1, T)
+    assert (p["ext.g.token"], p["ext.g.head"]) == (H * 128, 128)  # contiguous ones are described too
+
+
+def test_the_plain_call_fills_no_extension(device):
+    flash_kda.fwd(**inputs(T=40, H=H, state=torch.float32, final_state=torch.float32))
+    assert launched(device)[2]["features"] == 0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(state_indices=torch.tensor([1, 0], dtype=torch.int32)),
+    dict(state_indices=torch.tensor([[1, 2], [0, 3]]), num_accepted_tokens=torch.tensor([1, 2], dtype=torch.int32)),
+    dict(has_initial_state=torch.tensor([True, False])),
+    dict(checkpoint_offsets=torch.tensor([[16], [32]]), checkpoint_state=torch.zeros(2, 1, H, 128, 128)),
+])
+def test_fast_check_takes_serving_arguments_like_check_inputs(device, kw):
+    args = inputs(B=2, T=20, H=H)
+    if "state_indices" in kw:
+        args.update(initial_state=pool(4), final_state=pool(4))
+    else:
+        args.update(initial_state=torch.zeros(2, H, 128, 128), final_state=torch.zeros(2, H, 128, 128))
+    serving = tuple(kw.get(n) for n in ("state_indices", "has_initial_state", "num_accepted_tokens",
+                                        "checkpoint_offsets", "checkpoint_state"))
+    assert checks.fast_check(**args, serving=serving)[:8] == checks.check_inputs(**args, **kw).as_tuple()
+
+
+def _bad_serving_cases():
+    B = 2
+    ok_pool = dict(initial_state=pool(4), final_state=pool(4))
+    yield dict(ok_pool, state_indices=torch.tensor([0.0, 1.0])), TypeError, r"state_indices must be int32 or int64"
+    yield dict(ok_pool, state_indices=torch.tensor([0, 1, 2])), ValueError, \
+        r"state_indices must be of shape \[2\] or \[2, T_max >= 1\], got \[3\]"
+    yield dict(ok_pool, state_indices=torch.zeros(B, 0, dtype=torch.int64)), ValueError, r"state_indices must be of shape"
+    yield dict(state_indices=torch.tensor([0, 1])), ValueError, r"neither was given"
+    yield dict(initial_state=pool(4), state_indices=torch.tensor([[0], [1]])), ValueError, \
+        r"2-D state_indices stores the state after every token in final_state"
+    yield dict(ok_pool, state_indices=torch.tensor([0, 1]), num_accepted_tokens=torch.tensor([1, 1])), ValueError, \
+        r"num_accepted_tokens picks a column of a 2-D state_indices"
+    yield dict(ok_pool, state_indices=torch.tensor([[0], [1]]), num_accepted_tokens=torch.tensor([1.0, 1.0])), \
+        TypeError, r"num_accepted_tokens must be int32 or int64"
+    yield dict(has_initial_state=torch.tensor([1, 0])), TypeError, r"has_initial_state must be of dtype torch.bool"
+    yield dict(has_initial_state=torch.tensor([True])), ValueError, r"has_initial_state must be of shape \[2\]"
+    yield dict(checkpoint_offsets=torch.tensor([[16], [16]])), ValueError, \
+        r"checkpoint_offsets and checkpoint_state go together"
+    yield dict(checkpoint_offsets=torch.tensor([[16], [16]]), checkpoint_state=torch.zeros(2, 2, H, 128, 128)), \
+        ValueError, r"checkpoint_state must be of shape \[2, 1, 2, 128, 128\]"
+    yield dict(checkpoint_offsets=torch.tensor([[16], [16]]), checkpoint_state=torch.zeros(2, 1, H, 128, 128,
+                                                                                           dtype=torch.float16)), \
+        TypeError, r"checkpoint_state must be float32 or bfloat16"
+    yield dict(ok_pool, state_indices=torch.tensor([[0], [1]]), checkpoint_offsets=torch.tensor([[16], [16]]),
+               checkpoint_state=torch.zeros(2, 1, H, 128, 128)), ValueError, r"checkpoints come from the chunked"
+    yield dict(initial_state=pool(4).transpose(2, 3), final_state=pool(4), state_indices=torch.tensor([0, 1])), \
+        ValueError, r"initial_state must be a pool of contiguous, 16-byte aligned slots"
+    yield dict(initial_state=torch.zeros(4, H, 128, 128), state_indices=torch.tensor([0, 1]),
+               final_state=torch.zeros(4, H + 1, 128, 128)), ValueError, \
+        r"final_state must be a pool of shape \[slots, 2, 128, 128\]"
+    yield dict(max_seqlen=-1), ValueError, r"max_seqlen must be None or an int >= 0"
+    yield dict(max_seqlen="8"), TypeError, r"max_seqlen must be None or an int >= 0"
+    yield dict(max_seqlen=8.0), TypeError, r"max_seqlen must be None or an int >= 0"
+
+
+@pytest.mark.parametrize("kw,exc,pattern", list(_bad_serving_cases()))
+def test_bad_serving_arguments_are_named(device, kw, exc, pattern):
+    args = inputs(B=2, T=20, H=H)
+    args.update({k: v for k, v in kw.items() if k in ("initial_state", "final_state")})
+    serving = {k: v for k, v in kw.items() if k not in ("initial_state", "final_state")}
+    with pytest.raises(exc, match=pattern):
+        flash_kda.fwd(**args, **serving)
+    assert device[1] == []
+
+
+def test_index_values_are_checked_on_request(device):
+    args = inputs(T=9, H=H, varlen=[0, 4, 9])
+    states = pool(3)
+    args.update(initial_state=states, final_state=states)
+    cases = [
+        (dict(state_indices=torch.tensor([2, 3])), r"state_indices\[1\] = 3 is not a slot of the pools \(0 <= slot < 3\)"),
+        (dict(state_indices=torch.tensor([-1, 0])), r"state_indices\[0\] = -1 is not a slot"),
+        (dict(state_indices=torch.tensor([[0, 1], [2, -1]]), num_accepted_tokens=torch.tensor([1, 3])),
+         r"num_accepted_tokens\[1\] = 3 must lie in \[1, T_max = 2\]"),
+        (dict(state_indices=torch.tensor([[0, 1], [-1, 2]])), r"state_indices\[1, 0\] = -1, the slot sequence 1 starts"),
+        (dict(state_indices=torch.tensor([[0, 5], [1, 2]])), r"state_indices\[0, 1\] = 5 is past the pools' 3 slots"),
+    ]
+    for kw, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            flash_kda.fwd(**args, **kw, check_indices=True)
+        flash_kda.fwd(**args, **kw, check_indices=False)  # without the check: launched, the kernel skips
+    assert len(device[1]) == len(cases)
+    device[1].clear()
+    dense = inputs(T=40, H=H, varlen=[0, 33, 40], state=torch.float32, final_state=torch.float32)
+    offsets = torch.tensor([[16, 20], [48, 0]])  # 20 is inside sequence 0 and not a chunk end; 48 is past sequence 1
+    ckpt = torch.zeros(2, 2, H, 128, 128)
+    with pytest.raises(ValueError, match=r"checkpoint_offsets\[0, 1\] = 20 is not a multiple of 16"):
+        flash_kda.fwd(**dense, checkpoint_offsets=offsets, checkpoint_state=ckpt, check_indices=True)
+    offsets[0, 1] = 32
+    flash_kda.fwd(**dense, checkpoint_offsets=offsets, checkpoint_state=ckpt, check_indices=True)
+    assert len(device[1]) == 1
+
+
+def test_the_custom_op_carries_the_serving_arguments():
+    schema = str(torch.ops.flash_kda.fwd.default._schema)
+    for part in ("Tensor? state_indices=None", "Tensor? has_initial_state=None", "Tensor? num_accepted_tokens=None",
+                 "SymInt? max_seqlen=None", "Tensor? checkpoint_offsets=None", "Tensor(", "checkpoint_state=None",
+                 "bool? check_indices=None"):
+        assert part in schema, (part, schema)
