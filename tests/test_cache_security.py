@@ -325,7 +325,7 @@ PRECOMPILE_SOME = textwrap.dedent("""
     import sys
     import flash_kda
     from flash_kda.jit import all_specs
-    specs = [s for s in all_specs() if s.v_block == 64][:6]
+    specs = [s for s in all_specs() if getattr(s, "v_block", None) == 64][:6]
     entries = flash_kda.precompile(cache_dir=sys.argv[1], specs=specs, workers=2)
     print("precompiled", len(entries))
 """)
