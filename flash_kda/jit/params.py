@@ -109,6 +109,8 @@ STRIDES_OFFSET = EXT_OFFSET
 POOL_OFFSET = EXT_OFFSET + KdaExtras.pool.offset
 CHECKPOINT_OFFSET = EXT_OFFSET + KdaExtras.ckpt.offset
 PARAMS_SIZE = ctypes.sizeof(KdaParams)
+POOL_SIZE = ctypes.sizeof(PoolArgs)
+CHECKPOINT_SIZE = ctypes.sizeof(CheckpointArgs)
 
 
 def struct_offsets(codes: str) -> list[int]:

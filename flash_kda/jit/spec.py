@@ -72,12 +72,14 @@ class _SpecBase:
     def _entry(self, threads: int, launch_attrs: str, call: str, smem: str, checks: str) -> str:
         """The translation unit: the template, compile-time checks, the kernel entry and the globals
         the loader reads (dynamic shared memory size, identity)."""
-        from .params import EXT_OFFSET, PARAMS_SIZE
+        from .params import CHECKPOINT_SIZE, EXT_OFFSET, PARAMS_SIZE, POOL_SIZE
         return (
             f'#include "{self.template}"\n'
             f"// {self.name}\n"
+            # sizes pin the layout (ext is the last member; NVRTC 13.0 has no offsetof)
             f"static_assert(sizeof(flash_kda::KdaParams) == {PARAMS_SIZE} && "
-            f"__builtin_offsetof(flash_kda::KdaParams, ext) == {EXT_OFFSET}, "
+            f"sizeof(flash_kda::KdaExtras) == {PARAMS_SIZE - EXT_OFFSET} && "
+            f"sizeof(flash_kda::PoolArgs) == {POOL_SIZE} && sizeof(flash_kda::CheckpointArgs) == {CHECKPOINT_SIZE}, "
             f'"flash_kda/jit/params.py and kda_params.cuh disagree on the parameter layout");\n'
             f"{checks}"
             f'extern "C" __global__ void __launch_bounds__({threads}, {self.min_blocks_per_sm}) {launch_attrs}\n'
