@@ -29,9 +29,10 @@ DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
-# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs per (sequence, head)).
+# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs (or decode work units) per
+# (sequence, head), most CTAs in the grid).
 # Plain-tuple keys: hashing a spec (a frozen dataclass) costs more than the whole lookup.
-_launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
+_launchers: dict[tuple, tuple[LoadedKernel, int, int]] = {}
 _local = threading.local()
 _is_compiling = torch.compiler.is_compiling
 
@@ -94,10 +95,12 @@ def _stream_handle(device_index: int):
 
 
 def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
-              v_block: int) -> tuple[LoadedKernel, int]:
+              v_block: int) -> tuple[LoadedKernel, int, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
     spec = _spec(state_in, state_out, varlen, v_block, device_arch(device_index))
-    launcher = (get_kernel(spec, device_index), spec.splits)
+    # the decode kernel runs a persistent grid of at most min_blocks_per_sm CTAs per SM
+    max_blocks = _sm_count(device_index) * spec.min_blocks_per_sm if v_block == DECODE else 1 << 31
+    launcher = (get_kernel(spec, device_index), spec.splits, max_blocks)
     _launchers[(device_index, state_in, state_out, varlen, v_block)] = launcher
     return launcher
 
@@ -195,7 +198,10 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
-    kernel, splits = launcher
+    kernel, splits, max_blocks = launcher
+    blocks = units * splits
+    if blocks > max_blocks:
+        blocks = max_blocks
 
     block = getattr(_local, "block", None)
     if block is None:
@@ -222,9 +228,9 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if stream is None:
         stream = _stream_handle(index)
     if torch._C._cuda_getDevice() == index:
-        kernel.launch(units * splits, stream, block.address)
+        kernel.launch(blocks, stream, block.address)
     else:  # tensors on another GPU than the current one: launch in that device's context
-        kernel.launch_in_own_context(units * splits, stream, block.address)
+        kernel.launch_in_own_context(blocks, stream, block.address)
     return out
 
 
