@@ -29,10 +29,9 @@ DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
-# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs (or decode work units) per
-# (sequence, head), most CTAs in the grid).
+# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs per (sequence, head)).
 # Plain-tuple keys: hashing a spec (a frozen dataclass) costs more than the whole lookup.
-_launchers: dict[tuple, tuple[LoadedKernel, int, int]] = {}
+_launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
 _local = threading.local()
 _is_compiling = torch.compiler.is_compiling
 
@@ -95,12 +94,10 @@ def _stream_handle(device_index: int):
 
 
 def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
-              v_block: int) -> tuple[LoadedKernel, int, int]:
+              v_block: int) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
     spec = _spec(state_in, state_out, varlen, v_block, device_arch(device_index))
-    # the decode kernel runs a persistent grid of at most min_blocks_per_sm CTAs per SM
-    max_blocks = _sm_count(device_index) * spec.min_blocks_per_sm if v_block == DECODE else 1 << 31
-    launcher = (get_kernel(spec, device_index), spec.splits, max_blocks)
+    launcher = (get_kernel(spec, device_index), spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block)] = launcher
     return launcher
 
@@ -168,7 +165,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         q_ptr, k_ptr, v_ptr, g_ptr, out_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), out.data_ptr()
         initial_ptr = initial_state.data_ptr() if initial_state is not None else 0
         final_ptr = final_state.data_ptr() if final_state is not None else 0
-        if (q_ptr | k_ptr | v_ptr | g_ptr | out_ptr | initial_ptr | final_ptr) & 15:
+        dt_ptr = dt_bias.data_ptr() if dt_bias is not None else 0
+        if (q_ptr | k_ptr | v_ptr | g_ptr | out_ptr | initial_ptr | final_ptr | dt_ptr) & 15:
             problem = None  # a misaligned start: the kernels move 16 bytes at a time
     if problem is None:
         return _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state,
@@ -198,18 +196,14 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
-    kernel, splits, max_blocks = launcher
-    blocks = units * splits
-    if blocks > max_blocks:
-        blocks = max_blocks
+    kernel, splits = launcher
 
     block = getattr(_local, "block", None)
     if block is None:
         block = _local.block = ParamBlock()
     params = block.params
     pack(params, 0, q_ptr, k_ptr, v_ptr, g_ptr, beta.data_ptr(), out_ptr,
-         A_log.data_ptr() if A_log is not None else 0, dt_bias.data_ptr() if dt_bias is not None else 0,
-         initial_ptr, final_ptr, cu_ptr, total_tokens, T, H, N, cu_int64, scale, lower_bound, features)
+         A_log.data_ptr() if A_log is not None else 0, dt_ptr, initial_ptr, final_ptr, cu_ptr, total_tokens, T, H, N, cu_int64, scale, lower_bound, features)
     if features:
         if pool is not None:
             pack_pool(params, POOL_OFFSET, *pool)
@@ -228,9 +222,9 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if stream is None:
         stream = _stream_handle(index)
     if torch._C._cuda_getDevice() == index:
-        kernel.launch(blocks, stream, block.address)
+        kernel.launch(units * splits, stream, block.address)
     else:  # tensors on another GPU than the current one: launch in that device's context
-        kernel.launch_in_own_context(blocks, stream, block.address)
+        kernel.launch_in_own_context(units * splits, stream, block.address)
     return out
 
 
@@ -259,7 +253,9 @@ def _fwd_normalised(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, i
     # the copies stay referenced until the launch has been enqueued (the caching allocator then
     # keeps their memory valid in stream order); states and checkpoints are written in place (checked)
     q, k, v, g = _readable(q), _readable(k), _readable(v), _readable(g)
-    beta, A_log, dt_bias, cu_seqlens = _contiguous(beta), _contiguous(A_log), _contiguous(dt_bias), _contiguous(cu_seqlens)
+    beta, A_log, cu_seqlens = _contiguous(beta), _contiguous(A_log), _contiguous(cu_seqlens)
+    if dt_bias is not None and (not dt_bias.is_contiguous() or dt_bias.data_ptr() % 16):
+        dt_bias = dt_bias.clone(memory_format=torch.contiguous_format)  # read 4 floats at a time
     state_indices, has_initial_state = _contiguous(state_indices), _contiguous(has_initial_state)
     num_accepted_tokens, checkpoint_offsets = _contiguous(num_accepted_tokens), _contiguous(checkpoint_offsets)
     scale, lower_bound = checks.check_scale(scale), checks.check_lower_bound(lower_bound)

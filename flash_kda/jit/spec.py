@@ -143,9 +143,8 @@ class DecodeSpec(_SpecBase):
     template: ClassVar[str] = "kda_decode.cuh"
     threads: ClassVar[int] = DECODE_THREADS
     cluster: ClassVar[int] = 1
-    # 6 CTAs of 128 threads per SM: 80 registers a thread hold a warp's rows and the prefetched rows
-    # of its next unit without spilling (at 8 CTAs, 64 registers, ptxas spills)
-    min_blocks_per_sm: ClassVar[int] = 6
+    # 8 CTAs of 128 threads per SM (64 registers a thread, no spills): enough state loads in flight
+    min_blocks_per_sm: ClassVar[int] = 8
 
     @property
     def name(self) -> str:
@@ -153,8 +152,7 @@ class DecodeSpec(_SpecBase):
 
     @property
     def splits(self) -> int:
-        """Work units (of 16 value rows, one CTA's worth) per (sequence, head); the grid is at most
-        ``min_blocks_per_sm`` CTAs per SM, each walking units (templates/kda_decode.cuh)."""
+        """CTAs per (sequence, head): 16 value rows each."""
         return self.head_v // DECODE_ROWS_PER_CTA
 
     def source(self) -> str:
@@ -162,7 +160,7 @@ class DecodeSpec(_SpecBase):
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
-            f"flash_kda::DecodeConfig::kUnitsPerHead == {self.splits} && "
+            f"flash_kda::DecodeConfig::kCtasPerHead == {self.splits} && "
             f"flash_kda::DecodeConfig::kCtasPerSm == {self.min_blocks_per_sm}, "
             f'"spec.py and the template disagree on the launch shape");\n')
 

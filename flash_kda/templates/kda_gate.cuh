@@ -15,13 +15,27 @@ struct BoundedGate {
   float d2[4];  // -log2(e) a d, per channel
   float lb2;    // lb log2(e)
 
-  __device__ __forceinline__ BoundedGate(const KdaParams& p, int h, int c0) {
-    const float a = p.A_log != nullptr ? fast_exp(p.A_log[h]) : 1.0f;
+  // The head's parameters as stored: A_log[h] and dt_bias[h, c0 .. c0 + 3] (loaded by `load`).
+  struct Raw {
+    float a_log;
+    float4 dt;
+  };
+
+  __device__ __forceinline__ static Raw load(const KdaParams& p, int h, int c0) {
+    Raw raw{0.0f, make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+    if (p.A_log != nullptr) raw.a_log = p.A_log[h];
+    if (p.dt_bias != nullptr) raw.dt = *reinterpret_cast<const float4*>(p.dt_bias + h * kHeadK + c0);
+    return raw;
+  }
+
+  __device__ __forceinline__ BoundedGate(const KdaParams& p, const Raw& raw) {
+    const float a = p.A_log != nullptr ? fast_exp(raw.a_log) : 1.0f;
     a2 = -a * kLog2e;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) d2[j] = a2 * (p.dt_bias != nullptr ? p.dt_bias[h * kHeadK + c0 + j] : 0.0f);
+    d2[0] = a2 * raw.dt.x, d2[1] = a2 * raw.dt.y, d2[2] = a2 * raw.dt.z, d2[3] = a2 * raw.dt.w;
     lb2 = p.lower_bound * kLog2e;
   }
+
+  __device__ __forceinline__ BoundedGate(const KdaParams& p, int h, int c0) : BoundedGate(p, load(p, h, c0)) {}
 
   // G2 + gamma2 of raw gate logit g on channel c0 + j.
   __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
