@@ -3,8 +3,8 @@
 //
 // The work is memory-bound (each state is read once and written once, or once per token in verify),
 // so the kernel is built for bandwidth: a warp owns kRowsPerWarp value rows of one (sequence, head)
-// state, each lane four consecutive key channels of each row (16-byte fp32 / 8-byte bf16 accesses,
-// 512 contiguous bytes per row and warp); the rows stay in registers across the sequence's tokens.
+// state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
+// bf16 accesses, contiguous rows per warp); the rows stay in registers across the sequence's tokens.
 // Small CTAs (4 warps, 16 rows) give 8 CTAs per (sequence, head): 256 CTAs even at N = 1, H = 32,
 // and 8 resident CTAs per SM keep enough state loads in flight for larger batches.
 //
@@ -21,27 +21,32 @@
 
 namespace flash_kda {
 
+// Rows per warp: 4 when a state is fp32 (16-byte accesses per lane and row), 8 when states are bf16
+// or absent (8-byte accesses, twice the rows: the same bytes in flight per lane, and the per-token
+// work of a warp shared by twice the rows).
+template <int STATE_IN, int STATE_OUT>
 struct DecodeConfig {
-  static constexpr int kRowsPerWarp = 4;
+  static constexpr int kRowsPerWarp = (STATE_IN == kStateFP32 || STATE_OUT == kStateFP32) ? 4 : 8;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerCta = kRowsPerWarp * kWarps;  // 16 value rows of one (sequence, head)
+  static constexpr int kRowsPerCta = kRowsPerWarp * kWarps;
   static constexpr int kCtasPerHead = kHeadV / kRowsPerCta;  // grid: N * H * kCtasPerHead
-  static constexpr int kCtasPerSm = 8;  // __launch_bounds__ (spec.py): 64 registers a thread
+  static constexpr int kCtasPerSm = kRowsPerWarp == 4 ? 8 : 5;  // __launch_bounds__ (spec.py): no spills
 };
 
-// The raw inputs of one token for one warp: its lane's 4 channels of q, k, g; the warp's 4 values
-// of v; beta.
+// The raw inputs of one token for one warp: its lane's 4 channels of q, k, g; the warp's values of
+// v (4 bf16 per uint2); beta.
+template <int R>
 struct TokenInputs {
-  uint2 q, k, g, v;
+  uint2 q, k, g, v[R / 4];
   bf16 beta;
 };
 
 template <int STATE_IN, int STATE_OUT, bool VARLEN>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
-  using Cfg = DecodeConfig;
+  using Cfg = DecodeConfig<STATE_IN, STATE_OUT>;
   constexpr int R = Cfg::kRowsPerWarp;
-  static_assert(R == 4, "v and out move as 4 bf16 (8 bytes) per warp");
+  static_assert(R % 4 == 0, "v and out move as groups of 4 bf16 (8 bytes)");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int block = blockIdx.x;
   const int h = (block / Cfg::kCtasPerHead) % p.num_heads;
@@ -67,10 +72,15 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bf16* g_head = p.g + token_offset(sg, VARLEN, seq, bos, 0, h) + c0;
   const bf16* v_head = p.v + token_offset(sv, VARLEN, seq, bos, 0, h) + row0;
   const bf16* beta_head = p.beta + token_offset(sb, VARLEN, seq, bos, 0, h);
-  auto load_token = [&](long long t) -> TokenInputs {
-    return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
-            *reinterpret_cast<const uint2*>(g_head + t * sg.token), *reinterpret_cast<const uint2*>(v_head + t * sv.token),
-            beta_head[t * sb.token]};
+  auto load_token = [&](long long t) {
+    TokenInputs<R> in;
+    in.q = *reinterpret_cast<const uint2*>(q_head + t * sq.token);
+    in.k = *reinterpret_cast<const uint2*>(k_head + t * sk.token);
+    in.g = *reinterpret_cast<const uint2*>(g_head + t * sg.token);
+#pragma unroll
+    for (int i = 0; i < R / 4; ++i) in.v[i] = *reinterpret_cast<const uint2*>(v_head + t * sv.token + 4 * i);
+    in.beta = beta_head[t * sb.token];
+    return in;
   };
 
   float S[R][4];
@@ -84,20 +94,25 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
     S[r][0] = row.x, S[r][1] = row.y, S[r][2] = row.z, S[r][3] = row.w;
   }
-  TokenInputs next = seq_len > 0 ? load_token(0) : TokenInputs{};
+  TokenInputs<R> next = seq_len > 0 ? load_token(0) : TokenInputs<R>{};
   const BoundedGate gate(p, gate_raw);
   const bool per_token = (p.features & kFeaturePerToken) != 0;
 
   for (int t = 0; t < seq_len; ++t) {
-    const TokenInputs in = next;
+    const TokenInputs<R> in = next;
     if (t + 1 < seq_len) next = load_token(t + 1);  // one token ahead (verify, and mis-hinted long sequences)
     const float beta = sigmoid(__bfloat162float(in.beta));
     const float2 q01 = unpack_bf16(in.q.x), q23 = unpack_bf16(in.q.y);
     const float2 k01 = unpack_bf16(in.k.x), k23 = unpack_bf16(in.k.y);
     const float2 g01 = unpack_bf16(in.g.x), g23 = unpack_bf16(in.g.y);
-    const float2 v01 = unpack_bf16(in.v.x), v23 = unpack_bf16(in.v.y);
     const float q[4] = {q01.x, q01.y, q23.x, q23.y}, k[4] = {k01.x, k01.y, k23.x, k23.y};
-    const float g[4] = {g01.x, g01.y, g23.x, g23.y}, v[R] = {v01.x, v01.y, v23.x, v23.y};
+    const float g[4] = {g01.x, g01.y, g23.x, g23.y};
+    float v[R];
+#pragma unroll
+    for (int i = 0; i < R / 4; ++i) {
+      const float2 lo = unpack_bf16(in.v[i].x), hi = unpack_bf16(in.v[i].y);
+      v[4 * i] = lo.x, v[4 * i + 1] = lo.y, v[4 * i + 2] = hi.x, v[4 * i + 3] = hi.y;
+    }
 
     float q_sq = 0.0f, k_sq = 0.0f, qk = 0.0f;
 #pragma unroll
@@ -150,9 +165,13 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       for (int j = 0; j < 4; ++j) S[r][j] = fmaf(update, k_norm[j], S[r][j]);
       o[r] = fmaf(update, qk_norm, sq_part[r]);
     }
-    if (lane == 0) {
-      bf16* out = p.out + ((bos + t) * p.num_heads + h) * kHeadV + row0;
-      *reinterpret_cast<uint2*>(out) = make_uint2(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]));
+    if (lane < R / 4) {  // every lane holds every sum: lane i writes values 4i .. 4i + 3
+      uint2 packed = make_uint2(0u, 0u);
+#pragma unroll
+      for (int i = 0; i < R / 4; ++i) {  // registers are not indexable by lane: pick with a compare
+        if (lane == i) packed = make_uint2(pack_bf16(o[4 * i], o[4 * i + 1]), pack_bf16(o[4 * i + 2], o[4 * i + 3]));
+      }
+      *reinterpret_cast<uint2*>(p.out + ((bos + t) * p.num_heads + h) * kHeadV + row0 + 4 * lane) = packed;
     }
     if constexpr (STATE_OUT != kStateNone) {
       if (per_token) {
