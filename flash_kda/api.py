@@ -48,6 +48,21 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
     return -(-sms * 7 // 2), sms // 4 + 1  # units*2 >= sms*7; units*4 > sms
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_target_ctas(device_index: int) -> int:
+    """Enough decode CTAs for about four waves of resident CTAs."""
+    return 4 * DecodeSpec.min_blocks_per_sm * _sm_count(device_index)
+
+
+def _decode_ctas_per_head(device_index: int, units: int) -> int:
+    """CTAs per (sequence, head) for one-token decode: the fewest (each warp then walks more row
+    groups with one token's work) that still give about four waves of CTAs; 8 for tiny batches."""
+    target, ctas = _decode_target_ctas(device_index), 1
+    while ctas < 8 and units * ctas < target:
+        ctas *= 2
+    return ctas
+
+
 def choose_v_block(units: int, device_index: int) -> int:
     """V-slice width per CTA for ``units`` (sequence, head) pairs.
 
@@ -148,10 +163,14 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     ``_fwd_normalised``.
     """
     if _is_compiling():
+        # A mutated Optional argument that is None breaks torch.compile's fake-tensor call in torch 2.11:
+        # an empty 1-D tensor stands for it (torch_ops.py maps it back to None).
+        absent = out.new_empty(0)
         torch.ops.flash_kda.fwd(q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound,
-                                initial_state, final_state, cu_seqlens, state_indices, has_initial_state,
-                                num_accepted_tokens, max_seqlen, checkpoint_offsets, checkpoint_state,
-                                check_cu_seqlens, check_indices, v_block)
+                                initial_state, absent if final_state is None else final_state, cu_seqlens,
+                                state_indices, has_initial_state, num_accepted_tokens, max_seqlen, checkpoint_offsets,
+                                absent if checkpoint_state is None else checkpoint_state, check_cu_seqlens,
+                                check_indices, v_block)
         return out
     serving = None
     if not (state_indices is None and has_initial_state is None and checkpoint_offsets is None
@@ -197,6 +216,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
     kernel, splits = launcher
+    if v_block == DECODE and (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
+        splits = _decode_ctas_per_head(index, units)  # one token: a warp's per-token work serves more rows
 
     block = getattr(_local, "block", None)
     if block is None:

@@ -359,3 +359,26 @@ def test_torch_compile_fullgraph_with_pools_matches_eager_bitwise():
     compiled = torch.compile(step, fullgraph=True)(*args, pool, indices, has_initial)
     torch.cuda.synchronize()
     assert torch.equal(eager, compiled) and torch.equal(eager_pool, storage)
+
+
+def test_torch_compile_with_absent_states_and_checkpoints():
+    """None for a mutated argument (final_state, checkpoint_state) goes through torch.compile too."""
+    inp = make_inputs(1, 40, 2, seed=97)
+    offsets = torch.tensor([[16, 32]], device="cuda")
+    ckpt = torch.zeros(1, 2, 2, 128, 128, device="cuda")
+
+    def step(q, k, v, g, beta, A_log, dt_bias, offsets, ckpt):
+        out = torch.empty_like(v)
+        flash_kda.fwd(q, k, v, g, beta, 128 ** -0.5, out, A_log, dt_bias, -5.0)
+        out2 = torch.empty_like(v)
+        flash_kda.fwd(q, k, v, g, beta, 128 ** -0.5, out2, A_log, dt_bias, -5.0, checkpoint_offsets=offsets,
+                      checkpoint_state=ckpt)
+        return out, out2
+
+    args = [inp[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
+    eager = step(*args, offsets, ckpt)
+    eager_ckpt = ckpt.clone()
+    ckpt.zero_()
+    compiled = torch.compile(step, fullgraph=True)(*args, offsets, ckpt)
+    torch.cuda.synchronize()
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]) and torch.equal(eager_ckpt, ckpt)

@@ -42,6 +42,17 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
     assert (p["ext.pool.num_slots"], p["ext.pool.indices_cols"], p["ext.pool.indices_row_stride"]) == (8, 1, 1)
 
 
+@pytest.mark.parametrize("N,ctas_per_head", [(1, 8), (8, 8), (32, 4), (64, 2), (128, 1), (1024, 1)])
+def test_one_token_decode_shares_a_warps_token_work_across_rows_when_the_batch_is_large(device, N, ctas_per_head):
+    args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token
+    states = torch.zeros(N, 32, 128, 128)
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
+    spec, blocks, _ = launched(device)
+    assert isinstance(spec, DecodeSpec) and blocks == N * 32 * ctas_per_head
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
+    assert launched(device)[1] == N * 32 * 8
+
+
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):
     args = inputs(B=2, T=40, H=H)
     flash_kda.fwd(**args | dict(initial_state=pool(5, torch.bfloat16), final_state=pool(9)),

@@ -25,6 +25,7 @@ V_BLOCKS = (32, 64, 128)
 HEAD_DIM = 128
 PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
 DECODE_THREADS = 128
+DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
 KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
 
 
@@ -143,15 +144,9 @@ class DecodeSpec(_SpecBase):
     threads: ClassVar[int] = DECODE_THREADS
     cluster: ClassVar[int] = 1
 
-    @property
-    def rows_per_warp(self) -> int:
-        """4 with an fp32 state (16-byte accesses), else 8 (templates/kda_decode.cuh, DecodeConfig)."""
-        return 4 if "fp32" in (self.state_in, self.state_out) else 8
-
-    @property
-    def min_blocks_per_sm(self) -> int:  # type: ignore[override]
-        """CTAs per SM the launch bounds ask for: as many as fit without spilling registers."""
-        return 8 if self.rows_per_warp == 4 else 5
+    # 5 CTAs of 128 threads per SM: 96 registers a thread hold a group of rows, the next group and the
+    # first token's quantities without spilling (at 6 CTAs, 80 registers, ptxas spills)
+    min_blocks_per_sm: ClassVar[int] = 5
 
     @property
     def name(self) -> str:
@@ -159,16 +154,17 @@ class DecodeSpec(_SpecBase):
 
     @property
     def splits(self) -> int:
-        """CTAs per (sequence, head): 4 warps of ``rows_per_warp`` value rows each."""
-        return self.head_v // (self.rows_per_warp * DECODE_THREADS // 32)
+        """The most CTAs per (sequence, head): one group of 4 value rows per warp. The host may
+        launch fewer (1, 2 or 4 per head: each warp then walks more groups)."""
+        return self.head_v // (DECODE_ROWS_PER_GROUP * DECODE_THREADS // 32)
 
     def source(self) -> str:
         args = f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}"
-        config = f"flash_kda::DecodeConfig<{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}>"
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
-            f"static_assert({config}::kThreads == {self.threads} && {config}::kCtasPerHead == {self.splits} && "
-            f"{config}::kCtasPerSm == {self.min_blocks_per_sm}, "
+            f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
+            f"flash_kda::DecodeConfig::kMaxCtasPerHead == {self.splits} && "
+            f"flash_kda::DecodeConfig::kCtasPerSm == {self.min_blocks_per_sm}, "
             f'"spec.py and the template disagree on the launch shape");\n')
 
 
