@@ -2,7 +2,8 @@
 
 Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floor/ours), the
 V-slice sweep, the host cost per call and the first-call costs.
-Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N]"""
+Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick]
+(--quick: the main table only, with plain calls, so that it can time an older flash_kda too)."""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def checkpoints_for(lengths: list[int], device="cuda") -> torch.Tensor:
     return torch.tensor([[n // 3 // 16 * 16, 2 * n // 3 // 16 * 16] for n in lengths], device=device)
 
 
-def bench_case(B, T, H, lens, with_fla: bool, reps: int):
+def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     inp = make_inputs(B, T, H, seed=0)
     inp["A_log"] = torch.rand(H, device="cuda")
     inp["dt_bias"] = torch.rand(H, 128, device="cuda")
@@ -74,10 +75,11 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int):
                                      x["A_log"], x["dt_bias"], -5.0, initial_state=h0, final_state=final,
                                      cu_seqlens=cu, v_block=vb, **serving)
 
-    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS}
     default = time_ms(ours(), reps=reps)
-    strided = time_ms(ours(x=strided_like(inp)), reps=reps)
-    checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps)
+    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS} if not quick else {}
+    strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
+    checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
+        float("nan")
     fla = None
     if with_fla:
         fla = time_ms(lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale,
@@ -125,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="the main table only (plain calls)")
     args = parser.parse_args()
     with_fla = not args.no_fla
     props = torch.cuda.get_device_properties(0)
@@ -132,7 +135,7 @@ def main() -> None:
           f"flash_kda {flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}")
     rows, sweeps, serving = [], [], []
     for name, B, T, H, lens, target in CASES:
-        ours, sweep, fla, floor, strided, checkpointed = bench_case(B, T, H, lens, with_fla, args.reps)
+        ours, sweep, fla, floor, strided, checkpointed = bench_case(B, T, H, lens, with_fla, args.reps, args.quick)
         rows.append((name, ours, fla, target, floor))
         sweeps.append((name, sweep))
         serving.append((name, ours, strided, checkpointed))
@@ -145,6 +148,8 @@ def main() -> None:
         verdict = ("pass" if ratio >= target else "fail") if fla else "—"
         print(f"| {name} | {ours:.3f} | {fla:.3f} | {ratio:.2f}× | ≥ {target}× | {verdict} | {floor / ours:.2f} |"
               if fla else f"| {name} | {ours:.3f} | — | — | ≥ {target}× | — | {floor / ours:.2f} |")
+    if args.quick:
+        return
     print("\nV-slice sweep (ours, ms per call, by CTA V width):\n")
     print("| case | " + " | ".join(f"v_block {vb}" for vb in V_BLOCKS) + " |")
     print("|---|" + "---:|" * len(V_BLOCKS))

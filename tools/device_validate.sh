@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The acceptance run on the GPU machine; logs under $OUT. Call from the repo root:
-#   FLASH_KDA_COMMIT=<sha> bash tools/device_validate.sh
+# The acceptance run on the GPU machine, in two stages that each fit one device call; logs under $OUT.
+# From the repo root, carrying .whl (tools: ../shared/tools/device-wheels.sh, plus the FLA autotune tgz
+# as .whl/fla-autotune.tgz) and .dev/base (the previous commit's flash_kda package, to time it in the
+# same call: git archive <sha> flash_kda | tar -x -C .dev/base):
+#   FLASH_KDA_COMMIT=<sha> bash tools/device_validate.sh tests   # precompile, GPU suite, accuracy, sanitizer
+#   FLASH_KDA_COMMIT=<sha> bash tools/device_validate.sh bench   # benchmarks, host cost, the baseline's rows
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
@@ -8,11 +12,25 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/tests:$PWD/benchmarks
 export FLASH_KDA_CACHE_DIR=/tmp/fkcache
 mkdir -p /tmp/tc && tar -xzf .whl/fla-autotune.tgz -C /tmp/tc && export TRITON_CACHE_DIR=/tmp/tc
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/card.txt
-timeout 120 python -m flash_kda precompile --arch sm_90a --jobs 16 > $OUT/precompile.log 2>&1; tail -1 $OUT/precompile.log
-timeout 60 python examples/quickstart.py 2>&1 | tee $OUT/quickstart.log
-timeout 240 python -m pytest -q -m gpu tests 2>&1 | tee $OUT/gpu_tests.log | grep -E "passed|failed|Error" | tail -5
-timeout 120 python benchmarks/accuracy.py > $OUT/accuracy.md 2>&1; tail -1 $OUT/accuracy.md
-timeout 120 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python tools/sanitize_case.py > $OUT/sanitizer.log 2>&1; echo "compute-sanitizer rc=$?"; tail -1 $OUT/sanitizer.log
-timeout 240 python benchmarks/bench_fwd.py 2>&1 | tee $OUT/bench.md | tail -30
-timeout 60 python benchmarks/host_cost.py > $OUT/host_cost.md 2>&1; tail -12 $OUT/host_cost.md
-( for e in streaming_state varlen_batching fla_backend; do timeout 60 python examples/$e.py 2>&1 | grep -v "^INFO:fla\|Deprecat\|warn" | tail -2; done ) > $OUT/examples.log 2>&1; cat $OUT/examples.log
+timeout 120 python -m flash_kda precompile --jobs 16 > $OUT/precompile.log 2>&1; tail -1 $OUT/precompile.log
+
+case "${1:-tests}" in
+tests)
+  timeout 60 python examples/quickstart.py 2>&1 | tail -2
+  timeout 300 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee $OUT/gpu_tests.log | grep -E "FAILED|passed|failed" | tail -8
+  timeout 120 python benchmarks/accuracy.py > $OUT/accuracy.md 2>&1; tail -1 $OUT/accuracy.md
+  timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python tools/sanitize_case.py \
+    > $OUT/sanitizer.log 2>&1; echo "compute-sanitizer rc=$?"; tail -1 $OUT/sanitizer.log
+  ;;
+bench)
+  timeout 150 python benchmarks/bench_decode.py 2>&1 | tee $OUT/bench_decode.md | tail -19
+  timeout 240 python benchmarks/bench_fwd.py 2>&1 | tee $OUT/bench_fwd.md | tail -40
+  timeout 60 python benchmarks/host_cost.py > $OUT/host_cost.md 2>&1; grep "whole fwd" $OUT/host_cost.md
+  if [ -d .dev/base/flash_kda ]; then  # the previous commit in the same call: its prefill rows and host cost
+    PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base \
+      FLASH_KDA_COMMIT=base timeout 200 python benchmarks/bench_fwd.py --quick --no-fla 2>&1 | tail -12
+    PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base \
+      timeout 60 python benchmarks/host_cost.py > $OUT/host_cost_base.md 2>&1; grep "whole fwd" $OUT/host_cost_base.md
+  fi
+  ;;
+esac

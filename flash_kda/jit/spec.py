@@ -144,9 +144,9 @@ class DecodeSpec(_SpecBase):
     threads: ClassVar[int] = DECODE_THREADS
     cluster: ClassVar[int] = 1
 
-    # 5 CTAs of 128 threads per SM: 96 registers a thread hold a group of rows, the next group and the
-    # first token's quantities without spilling (at 6 CTAs, 80 registers, ptxas spills)
-    min_blocks_per_sm: ClassVar[int] = 5
+    # 6 CTAs of 128 threads per SM: 80 registers a thread hold a group of rows and a token's
+    # quantities without spilling (at 7 or 8 CTAs, 72 or 64 registers, ptxas spills)
+    min_blocks_per_sm: ClassVar[int] = 6
 
     @property
     def name(self) -> str:

@@ -27,7 +27,7 @@ struct DecodeConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  static constexpr int kCtasPerSm = 5;  // __launch_bounds__ (spec.py): 96 registers a thread, no spills
+  static constexpr int kCtasPerSm = 6;  // __launch_bounds__ (spec.py): 80 registers a thread, no spills
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
@@ -113,8 +113,8 @@ __device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, f
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
 // ctas_per_head in {1, 2, 4, 8} and launches N * H * ctas_per_head CTAs); each warp walks its
-// share in groups of 4 rows, loading the next group while it computes the current one, so that the
-// per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
+// share in groups of 4 rows (prefetching the next group into the L2 while it computes the current one),
+// so that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
 template <int STATE_IN, int STATE_OUT, bool VARLEN>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
@@ -150,6 +150,20 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
             *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
+  // Ask the L2 for a group's rows ahead of their loads (no registers held, unlike a register prefetch).
+  auto prefetch_group = [&](int group) {
+    if constexpr (STATE_IN != kStateNone) {
+      if (plan.read_offset >= 0) {
+        constexpr int kBytes = STATE_IN == kStateFP32 ? 4 : 2;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const char* row = static_cast<const char*>(p.initial_state) +
+                            (plan.read_offset + static_cast<long long>(row0 + group * R + r) * kHeadK + c0) * kBytes;
+          asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
+        }
+      }
+    }
+  };
   auto load_group = [&](int group, float (&rows)[R][4]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -164,7 +178,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
   };
 
-  float S[R][4], S_next[R][4];
+  float S[R][4];
   load_group(0, S);
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
   const BoundedGate gate(p, gate_raw);
@@ -172,10 +186,16 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bool per_token = (p.features & kFeaturePerToken) != 0;
 
   for (int group = 0; group < groups; ++group) {
-    if (group + 1 < groups) load_group(group + 1, S_next);
+    if (group > 0) load_group(group, S);
+    if (group + 1 < groups) prefetch_group(group + 1);
     const int rows0 = row0 + group * R;
+    TokenRaw upcoming = seq_len > 1 ? load_token(1) : TokenRaw{};  // one token ahead (verify)
     for (int t = 0; t < seq_len; ++t) {
-      const TokenPrep prep = t == 0 ? first_prep : prepare_token(p, load_token(t), gate);
+      TokenPrep prep = first_prep;
+      if (t > 0) {
+        prep = prepare_token(p, upcoming, gate);
+        if (t + 1 < seq_len) upcoming = load_token(t + 1);
+      }
       const float4 o = apply_token(prep, *reinterpret_cast<const uint2*>(v_head + t * sv.token + group * R), S);
       if (lane == 0) {
         *reinterpret_cast<uint2*>(p.out + ((bos + t) * p.num_heads + h) * kHeadV + rows0) =
@@ -201,11 +221,6 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
                                   S[r]);
         }
       }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) S[r][j] = S_next[r][j];
     }
   }
 }
