@@ -5,9 +5,9 @@
 // so the kernel is built for bandwidth: a warp owns kRowsPerWarp value rows of one (sequence, head)
 // state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
 // bf16 accesses, contiguous rows per warp); the rows stay in registers across the sequence's tokens.
-// A warp walks its rows in groups of 4 (loading the next group while computing one); small batches
-// cut each head into more CTAs (up to 8, one group per warp: 256 CTAs even at N = 1, H = 32) and
-// large ones into fewer, so that the per-token work of a warp is shared by more rows.
+// A warp walks its rows in groups of 4 (all prefetched into the L2 first); the host cuts each head
+// into as many CTAs (up to 8, one group per warp: 256 CTAs even at N = 1, H = 32) as fit in one wave
+// of resident CTAs, so a batch takes as few waves as it can.
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
 //   sk = s . k^,  sq = scale s . q^    (one butterfly reduction for all rows of the warp)
@@ -113,8 +113,9 @@ __device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, f
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
 // ctas_per_head in {1, 2, 4, 8} and launches N * H * ctas_per_head CTAs); each warp walks its
-// share in groups of 4 rows (prefetching the next group into the L2 while it computes the current one),
-// so that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
+// share in groups of 4 rows (all of its rows prefetched into the L2 up front, so that they stream in
+// while the first groups are computed), and the per-token work of a warp (loads, norms, gate) is
+// shared by all its groups when there is one token.
 template <int STATE_IN, int STATE_OUT, bool VARLEN>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
@@ -178,6 +179,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
   };
 
+  for (int group = 1; group < groups; ++group) prefetch_group(group);  // every row this warp will read, now
   float S[R][4];
   load_group(0, S);
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
@@ -187,7 +189,6 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
 
   for (int group = 0; group < groups; ++group) {
     if (group > 0) load_group(group, S);
-    if (group + 1 < groups) prefetch_group(group + 1);
     const int rows0 = row0 + group * R;
     TokenRaw upcoming = seq_len > 1 ? load_token(1) : TokenRaw{};  // one token ahead (verify)
     for (int t = 0; t < seq_len; ++t) {

@@ -112,26 +112,37 @@ struct ChunkInputs {
 template <int CV>
 __device__ __forceinline__ void issue_chunk_load(const ChunkInputs& in, RawChunk<CV>& raw, long long t0, int valid,
                                                  int v0, int lane) {
-  // q, k, g: 16 rows x 16 vectors of 8 bf16 = 256 vectors each, 8 per lane.
+  // q, k, g: 16 rows x 16 vectors of 8 bf16 = 256 vectors each, 8 per lane: lane l takes rows
+  // l / 16 + 2i, so its source pointers advance by two tokens per step (no per-row multiply).
+  // Rows past the sequence are zero-filled and read nothing; their pointers stay at row t0.
+  {
+    const int r0 = lane >> 4, c8 = (lane & 15) * 8;
+    const bf16* q = in.q + (t0 + r0) * in.q_token + c8;
+    const bf16* k = in.k + (t0 + r0) * in.k_token + c8;
+    const bf16* g = in.g + (t0 + r0) * in.g_token + c8;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int idx = lane + i * 32;
-    const int r = idx >> 4, c8 = (idx & 15) * 8;
-    const bool ok = r < valid;
-    const long long t = ok ? t0 + r : 0;
-    cp_async_16(&raw.q[r][c8], in.q + t * in.q_token + c8, ok);
-    cp_async_16(&raw.k[r][c8], in.k + t * in.k_token + c8, ok);
-    cp_async_16(&raw.g_ki[r][c8], in.g + t * in.g_token + c8, ok);
+    for (int i = 0; i < 8; ++i) {
+      const int r = r0 + 2 * i;
+      const bool ok = r < valid;
+      cp_async_16(&raw.q[r][c8], ok ? q : in.q, ok);
+      cp_async_16(&raw.k[r][c8], ok ? k : in.k, ok);
+      cp_async_16(&raw.g_ki[r][c8], ok ? g : in.g, ok);
+      q += 2 * in.q_token, k += 2 * in.k_token, g += 2 * in.g_token;
+    }
   }
-  // v: columns v0 .. v0 + CV of 16 rows.
+  // v: columns v0 .. v0 + CV of 16 rows; lane l takes rows l / kVecPerRow + (32 / kVecPerRow) i.
   constexpr int kVecPerRow = CV / 8;
+  constexpr int kRowsPerStep = 32 / kVecPerRow;
+  {
+    const int r0 = lane / kVecPerRow, c8 = (lane % kVecPerRow) * 8;
+    const bf16* v = in.v + (t0 + r0) * in.v_token + v0 + c8;
 #pragma unroll
-  for (int i = 0; i < kChunk * kVecPerRow / 32; ++i) {
-    const int idx = lane + i * 32;
-    const int r = idx / kVecPerRow, c8 = (idx % kVecPerRow) * 8;
-    const bool ok = r < valid;
-    const long long t = ok ? t0 + r : 0;
-    cp_async_16(&raw.v[r][c8], in.v + t * in.v_token + v0 + c8, ok);
+    for (int i = 0; i < kChunk * kVecPerRow / 32; ++i) {
+      const int r = r0 + kRowsPerStep * i;
+      const bool ok = r < valid;
+      cp_async_16(&raw.v[r][c8], ok ? v : in.v, ok);
+      v += kRowsPerStep * in.v_token;
+    }
   }
   cute::cp_async_fence();
 }
