@@ -151,20 +151,16 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
             *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
-  // Ask the L2 for a group's rows ahead of their loads (no registers held, unlike a register prefetch).
-  auto prefetch_group = [&](int group) {
-    if constexpr (STATE_IN != kStateNone) {
-      if (plan.read_offset >= 0) {
-        constexpr int kBytes = STATE_IN == kStateFP32 ? 4 : 2;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const char* row = static_cast<const char*>(p.initial_state) +
-                            (plan.read_offset + static_cast<long long>(row0 + group * R + r) * kHeadK + c0) * kBytes;
-          asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
-        }
-      }
+  // Ask the L2 for every row this warp reads after its first group, before any of them is needed (a
+  // prefetch holds no registers, unlike a load into them).
+  if constexpr (STATE_IN != kStateNone) {
+    if (plan.read_offset >= 0 && groups > 1) {
+      constexpr long long kRowBytes = kHeadK * (STATE_IN == kStateFP32 ? 4 : 2);
+      const char* row = static_cast<const char*>(p.initial_state) +
+                        (plan.read_offset + static_cast<long long>(row0 + R) * kHeadK + c0) * (kRowBytes / kHeadK);
+      for (int i = R; i < groups * R; ++i, row += kRowBytes) asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
     }
-  };
+  }
   auto load_group = [&](int group, float (&rows)[R][4]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -179,7 +175,6 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
   };
 
-  for (int group = 1; group < groups; ++group) prefetch_group(group);  // every row this warp will read, now
   float S[R][4];
   load_group(0, S);
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
