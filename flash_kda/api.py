@@ -49,18 +49,18 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_resident_ctas(device_index: int) -> int:
-    """Decode CTAs that are resident at once (one wave)."""
-    return DecodeSpec.min_blocks_per_sm * _sm_count(device_index)
+def _decode_target_ctas(device_index: int) -> int:
+    """Enough decode CTAs for about four waves of resident CTAs."""
+    return 4 * DecodeSpec.min_blocks_per_sm * _sm_count(device_index)
 
 
 def _decode_ctas_per_head(device_index: int, units: int) -> int:
-    """CTAs per (sequence, head) for the decode kernel (1, 2, 4 or 8; its warps walk 8, 4, 2 or 1 row
-    groups): the most that still fit in one wave, or 1 when the batch needs several waves anyway
-    (then each CTA streams a whole head, all its rows prefetched)."""
-    resident, ctas = _decode_resident_ctas(device_index), 8
-    while ctas > 1 and units * ctas > resident:
-        ctas //= 2
+    """CTAs per (sequence, head) for one-token decode: the fewest (each warp then walks more row
+    groups with one token's work) that still give about four waves of CTAs; 8 for small batches.
+    (Measured on the H100: one wave of fatter CTAs, or one CTA per head, streams worse.)"""
+    target, ctas = _decode_target_ctas(device_index), 1
+    while ctas < 8 and units * ctas < target:
+        ctas *= 2
     return ctas
 
 
@@ -217,8 +217,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
     kernel, splits = launcher
-    if v_block == DECODE:
-        splits = _decode_ctas_per_head(index, units)
+    if v_block == DECODE and (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
+        splits = _decode_ctas_per_head(index, units)  # one token: a warp's per-token work serves more rows
 
     block = getattr(_local, "block", None)
     if block is None:

@@ -42,14 +42,16 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
     assert (p["ext.pool.num_slots"], p["ext.pool.indices_cols"], p["ext.pool.indices_row_stride"]) == (8, 1, 1)
 
 
-@pytest.mark.parametrize("N,ctas_per_head", [(1, 8), (3, 8), (4, 4), (8, 2), (12, 2), (13, 1), (24, 1), (1024, 1)])
-def test_decode_cuts_heads_into_as_many_ctas_as_fit_in_one_wave(device, N, ctas_per_head):
-    """792 resident CTAs (6 per SM, 132 SMs): N * 32 heads * ctas_per_head <= 792, the most of 1/2/4/8."""
+@pytest.mark.parametrize("N,ctas_per_head", [(1, 8), (8, 8), (12, 8), (13, 4), (32, 4), (64, 2), (99, 1), (1024, 1)])
+def test_one_token_decode_shares_a_warps_token_work_across_rows_when_the_batch_is_large(device, N, ctas_per_head):
+    """3168 CTAs are about four waves (6 resident per SM, 132 SMs): the fewest CTAs per head that reach it."""
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token
     states = torch.zeros(N, 32, 128, 128)
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
     spec, blocks, _ = launched(device)
     assert isinstance(spec, DecodeSpec) and blocks == N * 32 * ctas_per_head
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
+    assert launched(device)[1] == N * 32 * 8
 
 
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):

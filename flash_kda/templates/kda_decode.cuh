@@ -5,9 +5,9 @@
 // so the kernel is built for bandwidth: a warp owns kRowsPerWarp value rows of one (sequence, head)
 // state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
 // bf16 accesses, contiguous rows per warp); the rows stay in registers across the sequence's tokens.
-// A warp walks its rows in groups of 4 (all prefetched into the L2 first); the host cuts each head
-// into as many CTAs (up to 8, one group per warp: 256 CTAs even at N = 1, H = 32) as fit in one wave
-// of resident CTAs, so a batch takes as few waves as it can.
+// A warp walks its rows in groups of 4 (loading the next group while computing one); small batches
+// cut each head into more CTAs (up to 8, one group per warp: 256 CTAs even at N = 1, H = 32) and
+// large ones into fewer, so that the per-token work of a warp is shared by more rows.
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
 //   sk = s . k^,  sq = scale s . q^    (one butterfly reduction for all rows of the warp)
@@ -113,9 +113,8 @@ __device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, f
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
 // ctas_per_head in {1, 2, 4, 8} and launches N * H * ctas_per_head CTAs); each warp walks its
-// share in groups of 4 rows (all of its rows prefetched into the L2 up front, so that they stream in
-// while the first groups are computed), and the per-token work of a warp (loads, norms, gate) is
-// shared by all its groups when there is one token.
+// share in groups of 4 rows (prefetching the next group into the L2 while it computes the current one),
+// so that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
 template <int STATE_IN, int STATE_OUT, bool VARLEN>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
@@ -151,16 +150,20 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
             *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
-  // Ask the L2 for every row this warp reads after its first group, before any of them is needed (a
-  // prefetch holds no registers, unlike a load into them).
-  if constexpr (STATE_IN != kStateNone) {
-    if (plan.read_offset >= 0 && groups > 1) {
-      constexpr long long kRowBytes = kHeadK * (STATE_IN == kStateFP32 ? 4 : 2);
-      const char* row = static_cast<const char*>(p.initial_state) +
-                        (plan.read_offset + static_cast<long long>(row0 + R) * kHeadK + c0) * (kRowBytes / kHeadK);
-      for (int i = R; i < groups * R; ++i, row += kRowBytes) asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
+  // Ask the L2 for a group's rows ahead of their loads (no registers held, unlike a register prefetch).
+  auto prefetch_group = [&](int group) {
+    if constexpr (STATE_IN != kStateNone) {
+      if (plan.read_offset >= 0) {
+        constexpr int kBytes = STATE_IN == kStateFP32 ? 4 : 2;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const char* row = static_cast<const char*>(p.initial_state) +
+                            (plan.read_offset + static_cast<long long>(row0 + group * R + r) * kHeadK + c0) * kBytes;
+          asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
+        }
+      }
     }
-  }
+  };
   auto load_group = [&](int group, float (&rows)[R][4]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -184,6 +187,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
 
   for (int group = 0; group < groups; ++group) {
     if (group > 0) load_group(group, S);
+    if (group + 1 < groups) prefetch_group(group + 1);
     const int rows0 = row0 + group * R;
     TokenRaw upcoming = seq_len > 1 ? load_token(1) : TokenRaw{};  // one token ahead (verify)
     for (int t = 0; t < seq_len; ++t) {
