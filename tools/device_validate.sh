@@ -21,6 +21,12 @@ tests)
   timeout 120 python benchmarks/accuracy.py > $OUT/accuracy.md 2>&1; tail -1 $OUT/accuracy.md
   timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python tools/sanitize_case.py \
     > $OUT/sanitizer.log 2>&1; echo "compute-sanitizer rc=$?"; tail -1 $OUT/sanitizer.log
+  # the image flow: root baked the cache above; verify it, then another uid runs KDA from it, compiles forbidden
+  timeout 60 python -m flash_kda verify --cache-dir /tmp/fkcache | tail -1
+  timeout 90 setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp FLASH_KDA_DISABLE_JIT=1 \
+    python -c 'import os; print("uid", os.getuid())' examples/quickstart.py 2>&1 | tail -1
+  timeout 90 setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp FLASH_KDA_DISABLE_JIT=1 \
+    python examples/quickstart.py 2>&1 | tail -2
   ;;
 bench)
   timeout 150 python benchmarks/bench_decode.py 2>&1 | tee $OUT/bench_decode.md | tail -19
