@@ -1,6 +1,7 @@
 """Where the host time of one ``flash_kda.fwd`` call goes (GPU machine), T16 H1.
 
-Rows: the whole call (no state, fp32 initial/final state, varlen), the input checks
+Rows: the whole call (no state, fp32 initial/final state, varlen, a pool addressed by
+state_indices for a T16 call and a one-token decode step), the input checks
 (``fast_check``, the hot path; ``check_inputs``, the detailed checker), the call with the
 driver launch stubbed out, the bare ``cuLaunchKernel`` of the same kernel in several argument
 forms (CUfunction/CUstream objects or plain ints), and single torch calls to compare this
@@ -70,6 +71,20 @@ def main() -> None:
     rows: list[tuple[str, tuple[float, float]]] = []
     for label, args in cases.items():
         rows.append((f"whole fwd, {label}", per_call_us(lambda: flash_kda.fwd(*args))))
+    try:  # the serving path: a pool addressed by state_indices (absent in versions before the serving path)
+        pool = torch.zeros(4, 1, 128, 128, device="cuda")
+        slots = torch.tensor([2], device="cuda", dtype=torch.int32)
+        pooled = base + (pool, pool, None)
+        flash_kda.fwd(*pooled, state_indices=slots)
+        rows.append(("whole fwd, T16, fp32 pool + state_indices",
+                     per_call_us(lambda: flash_kda.fwd(*pooled, state_indices=slots))))
+        step = make_inputs(1, 1, 1, seed=3)
+        step_args = (step["q"], step["k"], step["v"], step["g"], step["beta"], 0.088, torch.empty_like(step["v"]),
+                     step["A_log"], step["dt_bias"], -5.0, pool, pool, None)
+        rows.append(("whole fwd, decode T1, fp32 pool + state_indices",
+                     per_call_us(lambda: flash_kda.fwd(*step_args, state_indices=slots))))
+    except TypeError:
+        pass
     args = cases["no state"]
     rows.append(("checks.fast_check (hot-path checks), no state", per_call_us(lambda: checks.fast_check(*args))))
     rows.append(("checks.fast_check, fp32 states",
