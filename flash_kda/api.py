@@ -25,7 +25,8 @@ from .jit.spec import HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
 # max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
 # of 16 tokens) runs the chunked kernel when run alone: checkpoints are bitwise equal to it.
 DECODE_MAX_TOKENS = 15
-DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel
+DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel (8 CTAs per head) ...
+DECODE_GROUPED = -1  # ... and for its grouped build (1, 2 or 4 CTAs per head)
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
@@ -50,8 +51,8 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _decode_target_ctas(device_index: int) -> int:
-    """Enough decode CTAs for about four waves of resident CTAs."""
-    return 4 * DecodeSpec.min_blocks_per_sm * _sm_count(device_index)
+    """Enough decode CTAs for about four waves of resident CTAs (of the grouped build)."""
+    return 4 * DecodeSpec("none", "none", False, grouped=True).min_blocks_per_sm * _sm_count(device_index)
 
 
 def _decode_ctas_per_head(device_index: int, units: int) -> int:
@@ -80,8 +81,9 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) 
     key = (state_in, state_out, varlen, v_block, arch)
     spec = _specs.get(key)
     if spec is None:
-        spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch)
-                              if v_block == DECODE else
+        spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
+                                         grouped=v_block == DECODE_GROUPED)
+                              if v_block in (DECODE, DECODE_GROUPED) else
                               KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
                                          arch=arch))
     return spec
@@ -208,8 +210,13 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     # short sequences (the max_seqlen hint when varlen) and per-token states: the token-by-token kernel;
     # checkpoints: always the chunked one
     short = max_seqlen is not None and max_seqlen <= DECODE_MAX_TOKENS if varlen else T <= DECODE_MAX_TOKENS
+    ctas_per_head = 0
     if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
         v_block = DECODE
+        if (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
+            ctas_per_head = _decode_ctas_per_head(index, units)  # one token: a warp's work serves more rows
+            if ctas_per_head < 8:
+                v_block = DECODE_GROUPED
     elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
@@ -217,8 +224,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block)
     kernel, splits = launcher
-    if v_block == DECODE and (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
-        splits = _decode_ctas_per_head(index, units)  # one token: a warp's per-token work serves more rows
+    if ctas_per_head:
+        splits = ctas_per_head
 
     block = getattr(_local, "block", None)
     if block is None:

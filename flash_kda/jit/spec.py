@@ -137,34 +137,42 @@ class KernelSpec(_SpecBase):
 
 @dataclass(frozen=True)
 class DecodeSpec(_SpecBase):
-    """One compiled variant of the token-by-token kernel (decode, speculative verify)."""
+    """One compiled variant of the token-by-token kernel (decode, speculative verify).
+
+    ``grouped``: the build whose warps walk several groups of rows (1, 2 or 4 CTAs per head, for
+    one-token steps of large batches); otherwise 8 CTAs per head, one group per warp."""
+
+    grouped: bool = False
 
     kind: ClassVar[str] = "decode"
     template: ClassVar[str] = "kda_decode.cuh"
     threads: ClassVar[int] = DECODE_THREADS
     cluster: ClassVar[int] = 1
 
-    # 6 CTAs of 128 threads per SM: 80 registers a thread hold a group of rows and a token's
-    # quantities without spilling (at 7 or 8 CTAs, 72 or 64 registers, ptxas spills)
-    min_blocks_per_sm: ClassVar[int] = 6
+    @property
+    def min_blocks_per_sm(self) -> int:  # type: ignore[override]
+        """CTAs per SM the launch bounds ask for: as many as fit without spilling (checked with -Xptxas -v)."""
+        return 6 if self.grouped else 7
 
     @property
     def name(self) -> str:
-        return f"kda_decode_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
+        return f"kda_decode{'_grouped' if self.grouped else ''}_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
 
     @property
     def splits(self) -> int:
-        """The most CTAs per (sequence, head): one group of 4 value rows per warp. The host may
-        launch fewer (1, 2 or 4 per head: each warp then walks more groups)."""
+        """CTAs per (sequence, head) of the one-group build: one group of 4 value rows per warp. The
+        grouped build is launched with 1, 2 or 4 (each warp then walks 8, 4 or 2 groups)."""
         return self.head_v // (DECODE_ROWS_PER_GROUP * DECODE_THREADS // 32)
 
     def source(self) -> str:
-        args = f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}"
+        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}, "
+                f"{'true' if self.grouped else 'false'}")
+        grouped = "true" if self.grouped else "false"
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
             f"flash_kda::DecodeConfig::kMaxCtasPerHead == {self.splits} && "
-            f"flash_kda::DecodeConfig::kCtasPerSm == {self.min_blocks_per_sm}, "
+            f"flash_kda::DecodeConfig::kCtasPerSm<{grouped}> == {self.min_blocks_per_sm}, "
             f'"spec.py and the template disagree on the launch shape");\n')
 
 
@@ -191,4 +199,5 @@ def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[AnySpec]:
     for arch, s_in, s_out, varlen in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True)):
         for vb in V_BLOCKS:
             yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch)
-        yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch)
+        for grouped in (False, True):
+            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, grouped=grouped)

@@ -27,7 +27,10 @@ struct DecodeConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  static constexpr int kCtasPerSm = 6;  // __launch_bounds__ (spec.py): 80 registers a thread, no spills
+  // __launch_bounds__ (spec.py): the grouped build holds a token's quantities across row groups (80
+  // registers a thread, no spills); the one-group build (8 CTAs of a head) fits in 72.
+  template <bool GROUPED>
+  static constexpr int kCtasPerSm = GROUPED ? 6 : 7;
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
@@ -115,13 +118,15 @@ __device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, f
 // ctas_per_head in {1, 2, 4, 8} and launches N * H * ctas_per_head CTAs); each warp walks its
 // share in groups of 4 rows (prefetching the next group into the L2 while it computes the current one),
 // so that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
-template <int STATE_IN, int STATE_OUT, bool VARLEN>
+// GROUPED: a build for 1, 2 or 4 CTAs per head (warps walk several groups); otherwise 8 CTAs per
+// head and one group per warp (more CTAs resident: small batches and multi-token steps).
+template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
   constexpr int R = Cfg::kRows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int ctas_per_head = gridDim.x / (p.num_seqs * p.num_heads);
-  const int groups = Cfg::kMaxCtasPerHead / ctas_per_head;  // groups of R rows per warp
+  const int ctas_per_head = GROUPED ? gridDim.x / (p.num_seqs * p.num_heads) : Cfg::kMaxCtasPerHead;
+  const int groups = GROUPED ? Cfg::kMaxCtasPerHead / ctas_per_head : 1;  // groups of R rows per warp
   const int block = blockIdx.x;
   const int h = (block / ctas_per_head) % p.num_heads;
   const int seq = block / ctas_per_head / p.num_heads;
@@ -182,7 +187,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   load_group(0, S);
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
   const BoundedGate gate(p, gate_raw);
-  const TokenPrep first_prep = prepare_token(p, first, gate);  // every group's token 0 (all of decode)
+  TokenPrep first_prep;  // every group's token 0 (all of decode), kept across groups by the grouped build
+  if constexpr (GROUPED) first_prep = prepare_token(p, first, gate);
   const bool per_token = (p.features & kFeaturePerToken) != 0;
 
   for (int group = 0; group < groups; ++group) {
@@ -191,7 +197,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     const int rows0 = row0 + group * R;
     TokenRaw upcoming = seq_len > 1 ? load_token(1) : TokenRaw{};  // one token ahead (verify)
     for (int t = 0; t < seq_len; ++t) {
-      TokenPrep prep = first_prep;
+      TokenPrep prep = GROUPED ? first_prep : TokenPrep{};
+      if (!GROUPED && t == 0) prep = prepare_token(p, first, gate);
       if (t > 0) {
         prep = prepare_token(p, upcoming, gate);
         if (t + 1 < seq_len) upcoming = load_token(t + 1);
