@@ -382,3 +382,25 @@ def test_torch_compile_with_absent_states_and_checkpoints():
     compiled = torch.compile(step, fullgraph=True)(*args, offsets, ckpt)
     torch.cuda.synchronize()
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]) and torch.equal(eager_ckpt, ckpt)
+
+
+@pytest.mark.parametrize("N", [40, 100], ids=["2 groups per warp", "8 groups per warp"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_token_decode_of_a_large_batch(N, dtype):
+    """Large one-token batches run the grouped decode build (fewer CTAs per head, several row groups
+    per warp sharing one token's work): the same results as the recurrence, other slots untouched."""
+    H, slots = 32, N + 7
+    inp = make_inputs(1, N, H, seed=300 + N)
+    cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
+    storage, pool = make_pool(slots, H, DT[dtype], seed=301)
+    before = storage.clone()
+    indices = torch.randperm(slots, generator=torch.Generator().manual_seed(302))[:N].to("cuda", torch.int64)
+    out = torch.full_like(inp["v"], float("nan"))
+    call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=1)
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(inp, before.view(slots, H, 128, 128)[indices].clone(), cu)
+    assert torch.isfinite(out).all() and rel_rms(out, ref_out) <= TOL
+    assert rel_rms(pool[indices], ref_state) <= TOL
+    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
+    untouched[indices] = False
+    assert torch.equal(storage[untouched], before[untouched])
