@@ -231,8 +231,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if block is None:
         block = _local.block = ParamBlock()
     params = block.params
-    pack(params, 0, q_ptr, k_ptr, v_ptr, g_ptr, beta.data_ptr(), out_ptr,
-         A_log.data_ptr() if A_log is not None else 0, dt_ptr, initial_ptr, final_ptr, cu_ptr, total_tokens, T, H, N, cu_int64, scale, lower_bound, features)
+    pack(params, 0, q_ptr, k_ptr, v_ptr, g_ptr, beta.data_ptr(), out_ptr, A_log.data_ptr() if A_log is not None else 0,
+         dt_ptr, initial_ptr, final_ptr, cu_ptr, total_tokens, T, H, N, cu_int64, scale, lower_bound, features)
     if features:
         if pool is not None:
             pack_pool(params, POOL_OFFSET, *pool)

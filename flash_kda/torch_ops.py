@@ -2,9 +2,11 @@
 
 The op mutates ``out``, ``final_state`` and ``checkpoint_state`` and returns nothing; its fake
 implementation has nothing to compute. ``fwd`` passes an empty 1-D tensor for a mutated argument
-that is None (torch 2.11 cannot trace a None there); the implementation maps it back. Eager ``flash_kda.fwd`` calls the kernel directly (no
-dispatcher cost) and routes through this op only while torch.compile is tracing; the op's
-implementation runs when the compiled graph does (not while tracing), so it calls ``fwd``.
+that is None (torch 2.11 cannot trace a None there); the implementation maps it back.
+
+Eager ``flash_kda.fwd`` calls the kernel directly (no dispatcher cost) and routes through this op
+only while torch.compile is tracing; the op's implementation runs when the compiled graph does
+(not while tracing), so it calls ``fwd``.
 """
 # no `from __future__ import annotations`: torch.library reads these annotations as types
 from typing import Optional

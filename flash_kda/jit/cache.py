@@ -184,11 +184,13 @@ def check_entry(cubin_path: Path, spec: AnySpec, key: str) -> EntryCheck:
         return EntryCheck(None, None if not meta_path.exists() else f"{cubin_path} is missing")
     except (OSError, ValueError) as exc:
         return EntryCheck(None, f"unreadable ({exc})")
-    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("spec") != spec.to_dict():
-        found = meta.get("spec", {}).get("arch") if isinstance(meta, dict) and isinstance(meta.get("spec"), dict) else None
-        return EntryCheck(None, f"holds another kernel: its metadata names key {meta.get('key') if isinstance(meta, dict) else None!r}"
-                                f"{'' if found is None else ' and spec ' + _spec_label(meta['spec'])}, expected {key} "
-                                f"({spec.name})")
+    if not isinstance(meta, dict):
+        return EntryCheck(None, "unreadable (its metadata is not a JSON object)")
+    if meta.get("key") != key or meta.get("spec") != spec.to_dict():
+        claimed = meta.get("spec")
+        label = f" and spec {_spec_label(claimed)}" if isinstance(claimed, dict) else ""
+        return EntryCheck(None, f"holds another kernel: its metadata names key {meta.get('key')!r}{label}, "
+                                f"expected {key} ({spec.name})")
     if len(data) != meta.get("size") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         return EntryCheck(None, "corrupt (size or checksum mismatch)")
     if spec.identity_tag() not in data:
