@@ -8,6 +8,7 @@ FLASH_KDA_DISABLE_JIT=1 it compiles nothing and reports what is missing, like ``
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing
 import os
 import stat
@@ -197,7 +198,6 @@ def verify(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.Pat
 
 def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
     """The spec and key an entry of another version claims (or None and why it cannot be read)."""
-    import json
     try:
         meta = json.loads(cubin_path.with_suffix(".json").read_text())
         spec = spec_from_dict(meta["spec"])

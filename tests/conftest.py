@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper modules of the tests
 
+from stub_device import device  # noqa: E402,F401  (the stubbed-device fixture of the host-side tests)
+
 
 def _has_sm90() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)

@@ -29,13 +29,9 @@ BUILD_ONE = textwrap.dedent(f"""
 """)
 
 
-def _env(**extra):
-    return env(**extra)
-
-
 def test_eight_processes_racing_on_one_entry_compile_it_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", BUILD_ONE, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(8)]
+                              stderr=subprocess.PIPE, text=True, env=env()) for _ in range(8)]
     results = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
     words = [r[0].split()[0] for r in results]
@@ -53,14 +49,14 @@ def test_a_killed_lock_holder_does_not_block_anyone(tmp_path):
         import time
         from filelock import FileLock
         lock = FileLock({str(lock_path)!r}); lock.acquire(); print("locked", flush=True); time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True, env=_env())
+    """)], stdout=subprocess.PIPE, text=True, env=env())
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)  # dies holding the lock; the lock file stays behind
     holder.wait()
     assert lock_path.exists()
     start = time.monotonic()
     res = subprocess.run([sys.executable, "-c", BUILD_ONE, str(tmp_path)], capture_output=True, text=True,
-                         env=_env(), timeout=300)
+                         env=env(), timeout=300)
     assert res.returncode == 0 and res.stdout.startswith("compiled"), res.stderr[-2000:]
     assert time.monotonic() - start < 120
 
@@ -84,7 +80,7 @@ def test_read_only_cache_dir_serves_hits_and_falls_back_for_misses(tmp_path):
     with read_only_view(src, tmp_path / "ro") as ro:
         assert not os.access(ro, os.W_OK) or IS_ROOT
         res = subprocess.run([sys.executable, "-c", script, str(ro), str(private)], capture_output=True, text=True,
-                             timeout=300, env=_env(TMPDIR=str(private)))
+                             timeout=300, env=env(TMPDIR=str(private)))
         assert res.returncode == 0, res.stderr[-3000:]
         assert "hit False True" in res.stdout
         assert "miss True False True" in res.stdout  # compiled into the private per-user directory

@@ -29,7 +29,7 @@ from flash_kda.jit import headers
 from flash_kda.jit.cache import cache_key
 from flash_kda.jit.compiler import NVRTCCompiler
 
-from cache_helpers import OTHER_UID, THIRD_UID, FakeCompiler, cli, env, needs_root, python, run_as
+from cache_helpers import OTHER_UID, THIRD_UID, FakeCompiler, env, needs_root, python, run_as
 
 SPEC = KernelSpec("fp32", "fp32", True, v_block=64)
 OTHER = KernelSpec("bf16", "none", False, v_block=32)

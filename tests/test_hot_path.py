@@ -15,8 +15,7 @@ from flash_kda.jit.params import (CHECKPOINT_OFFSET, CHECKPOINT_STRUCT, FEATURE_
                                   STRIDES_OFFSET, STRIDES_STRUCT, PARAMS_STRUCT, KdaParams, ParamBlock, flat_fields,
                                   pack, pack_checkpoints, pack_pool, pack_strides, struct_offsets)
 
-from kda_inputs import make_inputs  # noqa: F401
-from stub_device import device, inputs, launch_params  # noqa: F401  (device is a fixture)
+from stub_device import inputs, launch_params
 
 POINTER_FIELDS = ("q", "k", "v", "g", "beta", "out", "A_log", "dt_bias", "initial_state", "final_state",
                   "cu_seqlens")

@@ -11,7 +11,7 @@ from flash_kda.jit.params import (FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEAT
                                   FEATURE_STRIDED)
 from flash_kda.jit.spec import DecodeSpec, KernelSpec
 
-from stub_device import device, inputs, launch_params  # noqa: F401  (device is a fixture)
+from stub_device import inputs, launch_params
 
 H, VK = 2, 128 * 128
 
