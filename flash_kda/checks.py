@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .jit import env_flag
 from .jit.params import FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED
 from .jit.spec import HEAD_DIM, V_BLOCKS
 
@@ -28,13 +28,9 @@ _BF16, _FP32, _INT32, _INT64, _BOOL = torch.bfloat16, torch.float32, torch.int32
 _LB_LO, _LB_HI = LOWER_BOUND_RANGE
 
 
-def _env_enabled(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0")
-
-
 # read once at import (a per-call environment lookup costs about a microsecond of host time)
-CHECK_CU_SEQLENS: bool = _env_enabled("FLASH_KDA_CHECK_CU_SEQLENS")
-CHECK_INDICES: bool = _env_enabled("FLASH_KDA_CHECK_INDICES")
+CHECK_CU_SEQLENS: bool = env_flag("FLASH_KDA_CHECK_CU_SEQLENS")
+CHECK_INDICES: bool = env_flag("FLASH_KDA_CHECK_INDICES")
 
 
 @dataclass
