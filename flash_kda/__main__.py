@@ -127,25 +127,25 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m flash_kda", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    cache_help = "cache directory (default: FLASH_KDA_CACHE_DIR or ~/.cache/flash_kda)"
-    arch_help = "target arch, e.g. sm_90a, or 'all' (repeatable; default sm_90a)"
-    compiler_help = "nvrtc (default, or FLASH_KDA_COMPILER) or nvcc; part of the cache key"
-    p = sub.add_parser("precompile", help="compile every kernel specialisation into the cache (no GPU needed)")
-    p.add_argument("--arch", action="append", help=arch_help)
-    p.add_argument("--cache-dir", default=None, help=cache_help)
-    p.add_argument("--compiler", choices=("nvrtc", "nvcc"), default=None, help=compiler_help)
+    # the options several commands share, defined once
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--cache-dir", default=None,
+                       help="cache directory (default: FLASH_KDA_CACHE_DIR or ~/.cache/flash_kda)")
+    targets = argparse.ArgumentParser(add_help=False)
+    targets.add_argument("--arch", action="append",
+                         help="target arch, e.g. sm_90a, or 'all' (repeatable; default sm_90a)")
+    targets.add_argument("--compiler", choices=("nvrtc", "nvcc"), default=None,
+                         help="nvrtc (default, or FLASH_KDA_COMPILER) or nvcc; part of the cache key")
+    p = sub.add_parser("precompile", parents=[targets, cache],
+                       help="compile every kernel specialisation into the cache (no GPU needed)")
     p.add_argument("--jobs", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
     p.set_defaults(func=_precompile)
-    p = sub.add_parser("verify", help="check a baked cache: every specialisation present, trusted and intact")
-    p.add_argument("--arch", action="append", help=arch_help)
-    p.add_argument("--cache-dir", default=None, help=cache_help)
-    p.add_argument("--compiler", choices=("nvrtc", "nvcc"), default=None, help=compiler_help)
+    p = sub.add_parser("verify", parents=[targets, cache],
+                       help="check a baked cache: every specialisation present, trusted and intact")
     p.set_defaults(func=_verify)
-    p = sub.add_parser("info", help="versions, compilers, targets, GPUs and the cache")
-    p.add_argument("--cache-dir", default=None, help=cache_help)
+    p = sub.add_parser("info", parents=[cache], help="versions, compilers, targets, GPUs and the cache")
     p.set_defaults(func=_info)
-    p = sub.add_parser("clear-cache", help="remove every cached kernel")
-    p.add_argument("--cache-dir", default=None, help=cache_help)
+    p = sub.add_parser("clear-cache", parents=[cache], help="remove every cached kernel")
     p.set_defaults(func=_clear)
     return parser
 
