@@ -49,6 +49,16 @@ def resolve_targets(archs: Iterable[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(targets))
 
 
+def _planned_entries(archs: Iterable[str] | str, specs: Iterable[AnySpec] | None,
+                     compiler: str | Compiler | None) -> tuple[Compiler, list[tuple[AnySpec, str]]]:
+    """The compiler and the (spec, cache key) of every entry ``precompile`` writes and ``verify`` expects."""
+    targets = resolve_targets(archs)
+    todo = list(specs) if specs is not None else list(all_specs(targets))
+    comp = compiler if isinstance(compiler, Compiler) else get_compiler(compiler)
+    digest = comp.header_digest()
+    return comp, [(spec, cache_key(spec, comp.identity(spec), digest)) for spec in todo]
+
+
 def _check_workers(workers: object) -> None:
     if workers is not None and (type(workers) is not int or workers < 1):
         raise ValueError(f"flash_kda: the number of parallel compiles (--jobs) must be an integer >= 1, got {workers!r}")
@@ -64,16 +74,14 @@ def precompile(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os
     holds the GIL), so this needs no GPU and no driver. Raises ``CacheWriteError`` when the
     directory cannot be written (before compiling anything), ``CompileError`` on the first failed
     compile, ``CacheMissError`` under FLASH_KDA_DISABLE_JIT=1 when something is missing."""
-    targets = resolve_targets(archs)
     _check_workers(workers)
-    todo = list(specs) if specs is not None else list(all_specs(targets))
+    comp, planned = _planned_entries(archs, specs, compiler)
+    todo = [spec for spec, _ in planned]
     cache = KernelCache(cache_dir, fallback=False)
-    comp = compiler if isinstance(compiler, Compiler) else get_compiler(compiler)
-    digest = comp.header_digest()
     results: dict[AnySpec, CompiledEntry] = {}
     missing = []
-    for spec in todo:
-        found = cache.lookup(spec, cache_key(spec, comp.identity(spec), digest))
+    for spec, key in planned:
+        found = cache.lookup(spec, key)
         if found is None:
             missing.append(spec)
         else:
@@ -160,14 +168,10 @@ def verify(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.Pat
     """Check a baked cache without writing to it: every specialisation for ``archs`` is present, and
     every entry in the directory passes the trust rule, its identity and checksum checks, and can
     be read (by this user, and by everyone when the directory itself is world-readable)."""
-    targets = resolve_targets(archs)
-    todo = list(specs) if specs is not None else list(all_specs(targets))
+    _, planned = _planned_entries(archs, specs, compiler)
     cache = KernelCache(cache_dir)
-    comp = compiler if isinstance(compiler, Compiler) else get_compiler(compiler)
-    digest = comp.header_digest()
-    expected = {cache.entry_path(spec, key): (spec, key)
-                for spec in todo for key in [cache_key(spec, comp.identity(spec), digest)]}
-    report = VerifyReport(cache.directory, len(todo), 0, 0)
+    expected = {cache.entry_path(spec, key): (spec, key) for spec, key in planned}
+    report = VerifyReport(cache.directory, len(planned), 0, 0)
     problem = cache.untrusted_reason(cache.directory)
     if problem:
         report.problems.append(f"{cache.directory}: not trusted for loading: {problem}")
