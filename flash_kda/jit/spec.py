@@ -29,6 +29,10 @@ DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
 KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
 
 
+def _cpp_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
 @dataclass(frozen=True)
 class _SpecBase:
     state_in: str
@@ -125,8 +129,7 @@ class KernelSpec(_SpecBase):
         return min(self.splits, 2)
 
     def source(self) -> str:
-        args = (f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, "
-                f"{'true' if self.varlen else 'false'}")
+        args = f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}"
         return self._entry(
             self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",
             f"flash_kda::kda_fwd<{args}>(p)", f"sizeof(flash_kda::SharedStorage<{self.v_block}>)",
@@ -156,7 +159,8 @@ class DecodeSpec(_SpecBase):
 
     @property
     def name(self) -> str:
-        return f"kda_decode{'_grouped' if self.grouped else ''}_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
+        build = "decode_grouped" if self.grouped else "decode"
+        return f"kda_{build}_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
 
     @property
     def splits(self) -> int:
@@ -165,9 +169,8 @@ class DecodeSpec(_SpecBase):
         return self.head_v // (DECODE_ROWS_PER_GROUP * DECODE_THREADS // 32)
 
     def source(self) -> str:
-        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}, "
-                f"{'true' if self.grouped else 'false'}")
-        grouped = "true" if self.grouped else "false"
+        grouped = _cpp_bool(self.grouped)
+        args = f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {grouped}"
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
