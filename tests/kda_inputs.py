@@ -26,6 +26,17 @@ def make_inputs(B: int, T: int, H: int, *, device="cuda", seed: int = 0, g_cente
     )
 
 
+def capture_graph(step) -> torch.cuda.CUDAGraph:
+    """Run ``step()`` once eagerly (its kernels compile and load outside capture, the usual warm-up),
+    then capture it into a CUDA graph."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     """‖x − ref‖ / ‖ref‖ in float64 (NaN when x has NaN/inf)."""
     x, ref = x.double(), ref.double()

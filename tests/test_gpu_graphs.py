@@ -7,7 +7,7 @@ import torch
 import flash_kda
 from flash_kda import api
 
-from kda_inputs import make_inputs
+from kda_inputs import capture_graph, make_inputs
 
 pytestmark = pytest.mark.gpu
 NAMES = ("q", "k", "v", "g", "beta")
@@ -34,11 +34,7 @@ def test_graph_capture_replay_matches_eager_bitwise(varlen):
     final = torch.empty_like(h0)
     # varlen: a fixed number of sequences, padded with zero-length ones
     cu = torch.tensor([0, 50, 120, 200, 200, 200, 200], device="cuda") if varlen else None
-    _call(buf, out, h0, final, cu)  # warm-up: compile and load outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _call(buf, out, h0, final, cu)
+    graph = capture_graph(lambda: _call(buf, out, h0, final, cu))
     for seed in (51, 52):
         new = make_inputs(B, T, 3, seed=seed)
         for n in NAMES:

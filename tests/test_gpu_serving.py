@@ -12,7 +12,7 @@ import torch
 import flash_kda
 from flash_kda.reference import kda_reference
 
-from kda_inputs import make_inputs, rel_rms
+from kda_inputs import capture_graph, make_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
@@ -295,11 +295,7 @@ def test_graph_replay_with_new_indices_accepted_tokens_and_offsets():
         call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices,
              num_accepted_tokens=accepted, max_seqlen=T_max)
 
-    verify()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        verify()
+    graph = capture_graph(verify)
     gen = torch.Generator().manual_seed(92)
     for _ in range(2):
         indices.copy_(torch.randperm(slots, generator=gen)[:12].view(4, 3))
@@ -324,11 +320,7 @@ def test_graph_replay_with_new_indices_accepted_tokens_and_offsets():
         call(big, torch.empty_like(big["v"]), initial_state=dense_h0, final_state=final, cu_seqlens=big_cu,
              checkpoint_offsets=offsets, checkpoint_state=ckpt)
 
-    prefill()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        prefill()
+    graph = capture_graph(prefill)
     offsets.copy_(torch.tensor([[48], [32], [32], [64]]))
     graph.replay()
     torch.cuda.synchronize()
