@@ -34,11 +34,9 @@ from typing import Callable
 from filelock import FileLock
 
 from ..errors import CacheMissError, CacheWriteError
-from ..logs import log as _root_log, operator_warning
+from ..logs import operator_warning
 from . import trust
 from .spec import AnySpec, spec_from_dict, template_sources
-
-log = _root_log.getChild("jit")
 
 __all__ = ["CacheMissError", "CacheWriteError", "KernelCache", "cache_key", "default_cache_dir", "EntryCheck",
            "check_entry"]
