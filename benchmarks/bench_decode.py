@@ -5,7 +5,9 @@ Times are ``triton.testing.do_bench`` medians (the L2 is flushed before every ca
 kernel hides the host launch cost, as in BASELINES.md). The floor is the state bytes a step must
 move (each addressed state read once and written once, or written once per token when verify
 stores every token's state) over the device-to-device copy bandwidth measured here.
-Usage: python benchmarks/bench_decode.py [--no-fla]"""
+Usage: python benchmarks/bench_decode.py [--no-fla] [--sweep]
+--sweep: also time a one-token step with every CTAs-per-head choice (the rule in
+flash_kda.api._decode_ctas_per_head picks one of them; this checks it)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +27,8 @@ TARGET_VS_FLOOR = 1.1   # large N decode and verify: within this factor of the f
 
 
 def bench(fn) -> float:
+    fn()  # compiles and autotunes (FLA's Triton kernels, our JIT) outside the timed calls
+    torch.cuda.synchronize()
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
@@ -114,6 +118,7 @@ def chunked_prefill_case(N: int, T: int) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     fla = None if args.no_fla else fla_fused_recurrent()
     props = torch.cuda.get_device_properties(0)
@@ -139,6 +144,31 @@ def main() -> None:
     t_pool, t_dense = chunked_prefill_case(8, 256)
     print(f"\nchunked prefill N=8 × 256 (fp32): from the pool {t_pool:.4f} ms, dense states {t_dense:.4f} ms, "
           f"ratio {t_pool / t_dense:.3f} (target ≤ 1.05: {'pass' if t_pool / t_dense <= 1.05 else 'fail'})")
+    if args.sweep:
+        sweep(bandwidth)
+
+
+def sweep(bandwidth: float) -> None:
+    """A one-token step with 1, 2, 4 and 8 CTAs per head, against the rule's pick."""
+    from flash_kda import api
+    rule = api._decode_ctas_per_head
+    choices = (1, 2, 4, 8)
+    print("\none-token step, ms by CTAs per (sequence, head); * = the rule's pick\n")
+    print("| N | pool | " + " | ".join(str(c) for c in choices) + " | floor ms | pick/best |")
+    print("|---:|---|" + "---:|" * (len(choices) + 2))
+    try:
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for N in (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024):
+                picked, times, floor = rule(label, label, N * H, api._decode_one_wave_units(0)), [], 0.0
+                for ctas in choices:
+                    api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
+                    ours, _, floor = decode_case(N, dtype, None, bandwidth)
+                    times.append(ours)
+                cells = [f"{t:.4f}{'*' if c == picked else ''}" for c, t in zip(choices, times)]
+                print(f"| {N} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
+                      f"{times[choices.index(picked)] / min(times):.3f} |")
+    finally:
+        api._decode_ctas_per_head = rule
 
 
 def _row(case, dtype, ours, theirs, floor, target, ok) -> str:

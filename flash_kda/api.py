@@ -26,7 +26,7 @@ from .jit.spec import HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
 # of 16 tokens) runs the chunked kernel when run alone: checkpoints are bitwise equal to it.
 DECODE_MAX_TOKENS = 15
 DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel (8 CTAs per head) ...
-DECODE_GROUPED = -1  # ... and for its grouped build (1, 2 or 4 CTAs per head)
+DECODE_GROUPED = -1  # ... and for its grouped build (2 CTAs per head)
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
@@ -50,19 +50,21 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_target_ctas(device_index: int) -> int:
-    """Enough decode CTAs for about four waves of resident CTAs (of the grouped build)."""
-    return 4 * DecodeSpec("none", "none", False, grouped=True).min_blocks_per_sm * _sm_count(device_index)
+def _decode_one_wave_units(device_index: int) -> int:
+    """The most (sequence, head) pairs whose one-group decode CTAs (8 each) are all resident at once."""
+    spec = DecodeSpec("none", "none", False)
+    return spec.min_blocks_per_sm * _sm_count(device_index) // spec.splits
 
 
-def _decode_ctas_per_head(device_index: int, units: int) -> int:
-    """CTAs per (sequence, head) for one-token decode: the fewest (each warp then walks more row
-    groups with one token's work) that still give about four waves of CTAs; 8 for small batches.
-    (Measured on the H100: one wave of fatter CTAs, or one CTA per head, streams worse.)"""
-    target, ctas = _decode_target_ctas(device_index), 1
-    while ctas < 8 and units * ctas < target:
-        ctas *= 2
-    return ctas
+def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: int) -> int:
+    """CTAs per (sequence, head) for a one-token step: 8 (one group of 4 value rows per warp) or 2
+    (four groups per warp, which share the token's norms and gate). fp32 states are bound by their
+    bytes and run best with the most CTAs; bf16 rows move half the bytes for the same per-token work,
+    so sharing it wins once the batch fills the GPU. Measured over N = 8 to 1024 (bench_decode.py
+    --sweep, benchmarks/NOTES.md): within 3% of the best choice everywhere."""
+    if (state_in == "fp32" and state_out == "fp32") or units <= one_wave_units:
+        return 8
+    return 2
 
 
 def choose_v_block(units: int, device_index: int) -> int:
@@ -214,7 +216,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
         v_block = DECODE
         if (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
-            ctas_per_head = _decode_ctas_per_head(index, units)  # one token: a warp's work serves more rows
+            ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index))
             if ctas_per_head < 8:
                 v_block = DECODE_GROUPED
     elif v_block is None:

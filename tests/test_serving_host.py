@@ -42,14 +42,18 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
     assert (p["ext.pool.num_slots"], p["ext.pool.indices_cols"], p["ext.pool.indices_row_stride"]) == (8, 1, 1)
 
 
-@pytest.mark.parametrize("N,ctas_per_head", [(1, 8), (8, 8), (24, 8), (25, 4), (32, 4), (64, 2), (99, 1), (1024, 1)])
-def test_one_token_decode_shares_a_warps_token_work_across_rows_when_the_batch_is_large(device, N, ctas_per_head):
-    """3168 CTAs are about four waves (6 resident per SM, 132 SMs): the fewest CTAs per head that reach it."""
+@pytest.mark.parametrize("dtype,N,ctas_per_head", [(torch.float32, 1, 8), (torch.float32, 1024, 8),
+                                                    (torch.bfloat16, 3, 8), (torch.bfloat16, 4, 2),
+                                                    (torch.bfloat16, 1024, 2)])
+def test_one_token_decode_shares_a_warps_token_work_across_rows_for_bf16_states(device, dtype, N, ctas_per_head):
+    """fp32 states: 8 CTAs per head (one group of rows per warp). bf16 states: 2 (four groups per warp
+    share the token's work) once the one-group CTAs would not all be resident (115 pairs on 132 SMs)."""
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token
-    states = torch.zeros(N, 32, 128, 128)
+    states = torch.zeros(N, 32, 128, 128, dtype=dtype)
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
     spec, blocks, _ = launched(device)
-    assert isinstance(spec, DecodeSpec) and blocks == N * 32 * ctas_per_head
+    assert isinstance(spec, DecodeSpec) and spec.grouped == (ctas_per_head < 8)
+    assert blocks == N * 32 * ctas_per_head
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
     assert launched(device)[1] == N * 32 * 8
 

@@ -5,6 +5,7 @@
 # same call: git archive <sha> flash_kda | tar -x -C .dev/base):
 #   FLASH_KDA_COMMIT=<sha> bash tools/device_validate.sh tests   # precompile, GPU suite, accuracy, sanitizer
 #   FLASH_KDA_COMMIT=<sha> bash tools/device_validate.sh bench   # benchmarks, host cost, the baseline's rows
+#     (add --sweep to the bench_decode line to time every CTAs-per-head choice)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
@@ -35,6 +36,9 @@ bench)
   if [ -d .dev/base/flash_kda ]; then  # the previous commit in the same call: its prefill rows and host cost
     PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base \
       FLASH_KDA_COMMIT=base timeout 200 python benchmarks/bench_fwd.py --quick --no-fla 2>&1 | tail -12
+    PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base \
+      FLASH_KDA_COMMIT=base timeout 100 python benchmarks/bench_decode.py --no-fla > $OUT/bench_decode_base.md 2>&1
+    grep -E "^\| (decode|verify)" $OUT/bench_decode_base.md
     PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base \
       timeout 60 python benchmarks/host_cost.py > $OUT/host_cost_base.md 2>&1; grep "whole fwd" $OUT/host_cost_base.md
   fi

@@ -142,8 +142,9 @@ class KernelSpec(_SpecBase):
 class DecodeSpec(_SpecBase):
     """One compiled variant of the token-by-token kernel (decode, speculative verify).
 
-    ``grouped``: the build whose warps walk several groups of rows (1, 2 or 4 CTAs per head, for
-    one-token steps of large batches); otherwise 8 CTAs per head, one group per warp."""
+    ``grouped``: the build whose warps walk several groups of rows (1, 2 or 4 CTAs per head; the
+    host runs 2, for one-token steps of large batches of bf16 states); otherwise 8 CTAs per head,
+    one group per warp."""
 
     grouped: bool = False
 
@@ -154,8 +155,8 @@ class DecodeSpec(_SpecBase):
 
     @property
     def min_blocks_per_sm(self) -> int:  # type: ignore[override]
-        """CTAs per SM the launch bounds ask for: as many as fit without spilling (checked with -Xptxas -v)."""
-        return 6 if self.grouped else 7
+        """CTAs per SM the launch bounds ask for (registers: see DecodeConfig in kda_decode.cuh)."""
+        return 5 if self.grouped else 7
 
     @property
     def name(self) -> str:

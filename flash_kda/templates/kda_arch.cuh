@@ -155,4 +155,21 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
                                                          *reinterpret_cast<uint128_t*>(smem_dst), pred);
 }
 
+__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {  // this thread's copies have landed
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {  // close this thread's copies issued so far into a group
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait_groups() {  // all but this thread's newest PENDING groups landed
+  asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory");
+}
+
 }  // namespace flash_kda

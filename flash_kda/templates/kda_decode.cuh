@@ -2,12 +2,12 @@
 // with the state after every token stored in a pool slot).
 //
 // The work is memory-bound (each state is read once and written once, or once per token in verify),
-// so the kernel is built for bandwidth: a warp owns kRowsPerWarp value rows of one (sequence, head)
+// so the kernel is built for bandwidth: a warp owns groups of kRows value rows of one (sequence, head)
 // state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
 // bf16 accesses, contiguous rows per warp); the rows stay in registers across the sequence's tokens.
-// A warp walks its rows in groups of 4 (loading the next group while computing one); small batches
-// cut each head into more CTAs (up to 8, one group per warp: 256 CTAs even at N = 1, H = 32) and
-// large ones into fewer, so that the per-token work of a warp is shared by more rows.
+// A warp walks its rows in groups of 4. fp32 states and small batches cut each head into 8 CTAs (one
+// group per warp: 256 CTAs even at N = 1, H = 32); large batches of bf16 states into fewer, so that
+// the per-token work of a warp is shared by more rows (api._decode_ctas_per_head).
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
 //   sk = s . k^,  sq = scale s . q^    (one butterfly reduction for all rows of the warp)
@@ -24,13 +24,16 @@ namespace flash_kda {
 
 struct DecodeConfig {
   static constexpr int kRows = 4;       // value rows a warp holds at once (a group)
+  static constexpr int kStages = 4;     // grouped build: row groups a warp has in flight (shared memory)
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  // __launch_bounds__ (spec.py): the grouped build holds a token's quantities across row groups (80
-  // registers a thread, no spills); the one-group build (8 CTAs of a head) fits in 72.
+  // __launch_bounds__ (spec.py): the grouped build holds a token's quantities across row groups and
+  // streams 4 groups through shared memory (96 registers a thread; -Xptxas -v shows 8 bytes of spill
+  // in some fixed-layout variants, all in the path for mis-hinted multi-token steps: it disappears
+  // with that loop removed); the one-group build (8 CTAs of a head) fits in 72 with no spill.
   template <bool GROUPED>
-  static constexpr int kCtasPerSm = GROUPED ? 6 : 7;
+  static constexpr int kCtasPerSm = GROUPED ? 5 : 7;
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
@@ -43,6 +46,12 @@ struct TokenPrep {
 struct TokenRaw {
   uint2 q, k, g;
   bf16 beta;
+};
+
+// A warp's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the warp's 4 values.
+struct TokenStage {
+  uint2 q[32], k[32], g[32];
+  uint2 v;
 };
 
 __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const TokenRaw& in, const BoundedGate& gate) {
@@ -115,11 +124,11 @@ __device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, f
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
-// ctas_per_head in {1, 2, 4, 8} and launches N * H * ctas_per_head CTAs); each warp walks its
-// share in groups of 4 rows (prefetching the next group into the L2 while it computes the current one),
-// so that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
-// GROUPED: a build for 1, 2 or 4 CTAs per head (warps walk several groups); otherwise 8 CTAs per
-// head and one group per warp (more CTAs resident: small batches and multi-token steps).
+// ctas_per_head and launches N * H * ctas_per_head CTAs); each warp walks its share in groups of 4
+// rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
+// groups. GROUPED: a build for 1, 2 or 4 CTAs per head (warps walk several groups, streamed through
+// shared memory); otherwise 8 CTAs per head and one group per warp (more CTAs resident: fp32 states,
+// small batches and multi-token steps).
 template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
@@ -134,12 +143,21 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const int c0 = lane * 4;                                                        // this lane's first key channel
 
   // Global loads in two waves, so that a CTA waits for two round trips, not one per dependency:
-  // first everything that depends on no other load (gate parameters, sequence bounds, the slot),
-  // then the state rows and the first token's inputs, which need the slot and the bounds.
+  // first everything that depends on no other load (gate parameters, sequence bounds, the pool slots:
+  // lane j loads column j of the sequence's index row, so that the starting column picked by
+  // num_accepted_tokens and every token's slot come from a shuffle), then the state rows and the
+  // first token's inputs, which need the slot and the bounds. Later tokens are loaded one ahead.
   const BoundedGate::Raw gate_raw = BoundedGate::load(p, h, c0);
   long long bos, eos;
   sequence_bounds<VARLEN>(p, seq, bos, eos);
-  const StatePlan plan = plan_state(p, seq, h);
+  const bool pool = (p.features & kFeaturePool) != 0;
+  long long lane_slot = pool && lane < p.ext.pool.indices_cols ? index_slot(p, seq, lane) : -1;
+  const int lane_slot32 = slot_valid(p, lane_slot) ? static_cast<int>(lane_slot) : -1;  // a register less
+  auto column_slot = [&](long long column) -> long long {  // warp-uniform column
+    const int from_lane = __shfl_sync(kFullMask, lane_slot32, static_cast<int>(column & 31));
+    return column < 32 ? from_lane : index_slot(p, seq, column);
+  };
+  const StatePlan plan = plan_state(p, seq, h, column_slot);
   if (plan.skip) return;  // an invalid pool slot: no state read or written, no output row written
   const int seq_len = static_cast<int>(eos - bos);
 
@@ -151,25 +169,59 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bf16* g_head = p.g + token_offset(sg, VARLEN, seq, bos, 0, h) + c0;
   const bf16* v_head = p.v + token_offset(sv, VARLEN, seq, bos, 0, h) + row0;
   const bf16* beta_head = p.beta + token_offset(sb, VARLEN, seq, bos, 0, h);
+  auto load_v = [&](long long t, int group) { return *reinterpret_cast<const uint2*>(v_head + t * sv.token + group * R); };
   auto load_token = [&](long long t) -> TokenRaw {
     return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
             *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
-  // Ask the L2 for a group's rows ahead of their loads (no registers held, unlike a register prefetch).
-  auto prefetch_group = [&](int group) {
+  // The grouped build streams its row groups through a per-warp ring of shared memory with cp.async,
+  // kStages groups ahead: loads in flight hold no registers, so a warp keeps 4 groups' bytes moving
+  // (bf16 rows are half the bytes for the same per-token work). Each lane copies and later reads
+  // back only its own 4 channels of each row: no warp synchronisation is needed.
+  constexpr int kInBytes = STATE_IN == kStateFP32 ? 4 : 2;
+  constexpr int kStageRowBytes = STATE_IN == kStateNone ? 16 : kHeadK * kInBytes;
+  __shared__ alignas(16) unsigned char ring[GROUPED ? Cfg::kWarps * Cfg::kStages * R : 1][kStageRowBytes];
+  auto stage_row = [&](int group, int r) -> unsigned char* {
+    return ring[(warp * Cfg::kStages + group % Cfg::kStages) * R + r] + c0 * kInBytes;
+  };
+  // this lane's bytes of the warp's first row, or null when the state starts from zeros
+  const unsigned char* stage_source =
+      STATE_IN != kStateNone && GROUPED && plan.read_offset >= 0
+          ? static_cast<const unsigned char*>(p.initial_state) + (plan.read_offset + static_cast<long long>(row0) * kHeadK + c0) * kInBytes
+          : nullptr;
+  auto stage_group = [&](int group) {  // one commit group per call, empty past the last group
     if constexpr (STATE_IN != kStateNone) {
-      if (plan.read_offset >= 0) {
-        constexpr int kBytes = STATE_IN == kStateFP32 ? 4 : 2;
+      if (stage_source != nullptr && group < groups) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const char* row = static_cast<const char*>(p.initial_state) +
-                            (plan.read_offset + static_cast<long long>(row0 + group * R + r) * kHeadK + c0) * kBytes;
-          asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
+          const unsigned char* src = stage_source + (group * R + r) * kStageRowBytes;
+          if constexpr (STATE_IN == kStateFP32) {
+            cp_async_16(stage_row(group, r), src, true);
+          } else {
+            cp_async_8(stage_row(group, r), src);
+          }
         }
       }
     }
+    cp_async_commit();
   };
-  auto load_group = [&](int group, float (&rows)[R][4]) {
+  auto staged_group = [&](int group, float (&rows)[R][4]) {  // after its copies landed
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if constexpr (STATE_IN == kStateFP32) {
+        if (stage_source != nullptr) row = *reinterpret_cast<const float4*>(stage_row(group, r));
+      } else if constexpr (STATE_IN == kStateBF16) {
+        if (stage_source != nullptr) {
+          const uint2 raw = *reinterpret_cast<const uint2*>(stage_row(group, r));
+          const float2 lo = unpack_bf16(raw.x), hi = unpack_bf16(raw.y);
+          row = make_float4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+      rows[r][0] = row.x, rows[r][1] = row.y, rows[r][2] = row.z, rows[r][3] = row.w;
+    }
+  };
+  auto load_group = [&](int group, float (&rows)[R][4]) {  // the one-group build: straight to registers
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -184,42 +236,20 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
 
   float S[R][4];
-  load_group(0, S);
+  if constexpr (GROUPED) {
+#pragma unroll
+    for (int group = 0; group < Cfg::kStages; ++group) stage_group(group);
+  } else {
+    load_group(0, S);
+  }
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
+  uint2 v_first = seq_len > 0 ? load_v(0, 0) : uint2{};  // token 0's values for the group being loaded
   const BoundedGate gate(p, gate_raw);
-  TokenPrep first_prep;  // every group's token 0 (all of decode), kept across groups by the grouped build
-  if constexpr (GROUPED) first_prep = prepare_token(p, first, gate);
+  // token 0's quantities: the grouped build keeps them for every group (all of a one-token step)
+  const TokenPrep first_prep = prepare_token(p, first, gate);
   const bool per_token = (p.features & kFeaturePerToken) != 0;
 
-  for (int group = 0; group < groups; ++group) {
-    if (group > 0) load_group(group, S);
-    if (group + 1 < groups) prefetch_group(group + 1);
-    const int rows0 = row0 + group * R;
-    TokenRaw upcoming = seq_len > 1 ? load_token(1) : TokenRaw{};  // one token ahead (verify)
-    for (int t = 0; t < seq_len; ++t) {
-      TokenPrep prep = GROUPED ? first_prep : TokenPrep{};
-      if (!GROUPED && t == 0) prep = prepare_token(p, first, gate);
-      if (t > 0) {
-        prep = prepare_token(p, upcoming, gate);
-        if (t + 1 < seq_len) upcoming = load_token(t + 1);
-      }
-      const float4 o = apply_token(prep, *reinterpret_cast<const uint2*>(v_head + t * sv.token + group * R), S);
-      if (lane == 0) {
-        *reinterpret_cast<uint2*>(p.out + ((bos + t) * p.num_heads + h) * kHeadV + rows0) =
-            make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
-      }
-      if constexpr (STATE_OUT != kStateNone) {
-        if (per_token) {
-          const long long offset = token_state_offset(p, seq, h, t);
-          if (offset >= 0) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              store_state4<STATE_OUT>(p.final_state, offset + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
-            }
-          }
-        }
-      }
-    }
+  auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
     if constexpr (STATE_OUT != kStateNone) {
       if (!per_token) {
 #pragma unroll
@@ -229,6 +259,68 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
         }
       }
     }
+  };
+  // Token t on the current group of rows: its output row, and its state when verify stores every token's.
+  auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int t, int rows0) {
+    const float4 o = apply_token(prep, v_raw, S);
+    if (lane == 0) {
+      *reinterpret_cast<uint2*>(p.out + ((bos + t) * p.num_heads + h) * kHeadV + rows0) =
+          make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
+    }
+    if constexpr (STATE_OUT != kStateNone) {
+      if (per_token) {
+        const long long offset = token_state_offset(p, h, t, column_slot);
+        if (offset >= 0) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            store_state4<STATE_OUT>(p.final_state, offset + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
+          }
+        }
+      }
+    }
+  };
+
+  if constexpr (GROUPED) {
+    // One-token steps (the host's choice; later tokens, if a hint was wrong, are loaded when needed).
+    for (int group = 0; group < groups; ++group) {
+      if (group > 0 && seq_len > 0) v_first = load_v(0, group);
+      cp_async_wait_groups<Cfg::kStages - 1>();
+      staged_group(group, S);
+      stage_group(group + Cfg::kStages);  // into the slot just read (each lane its own bytes)
+      const int rows0 = row0 + group * R;
+      if (seq_len > 0) finish_token(first_prep, v_first, 0, rows0);
+#pragma unroll 1
+      for (int t = 1; t < seq_len; ++t) finish_token(prepare_token(p, load_token(t), gate), load_v(t, group), t, rows0);
+      store_final(rows0);
+    }
+  } else {
+    // One group per warp. Verify loads one token ahead into shared memory (cp.async), so that the
+    // loads in flight during a token's math hold no registers (the build has 72 a thread).
+    __shared__ TokenStage stages[Cfg::kWarps];
+    TokenStage& stage = stages[warp];
+    auto stage_token = [&](int t) {
+      cp_async_8(&stage.q[lane], q_head + t * sq.token);
+      cp_async_8(&stage.k[lane], k_head + t * sk.token);
+      cp_async_8(&stage.g[lane], g_head + t * sg.token);
+      if (lane == 0) cp_async_8(&stage.v, v_head + t * sv.token);
+      return beta_head[t * sb.token];
+    };
+    bf16 beta_upcoming = seq_len > 1 ? stage_token(1) : bf16{};
+    TokenPrep prep = first_prep;
+    uint2 v_now = v_first;
+    for (int t = 0; t < seq_len; ++t) {
+      finish_token(prep, v_now, t, row0);
+      if (t + 1 < seq_len) {
+        cp_async_wait_all();
+        __syncwarp();  // lane 0's copy of v is visible to the warp
+        const TokenRaw upcoming{stage.q[lane], stage.k[lane], stage.g[lane], beta_upcoming};
+        v_now = stage.v;
+        __syncwarp();  // every lane has read the stage before it is refilled
+        if (t + 2 < seq_len) beta_upcoming = stage_token(t + 2);
+        prep = prepare_token(p, upcoming, gate);
+      }
+    }
+    store_final(row0);
   }
 }
 

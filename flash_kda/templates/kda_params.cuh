@@ -134,7 +134,15 @@ __device__ __forceinline__ bool slot_valid(const KdaParams& p, long long slot) {
   return slot >= 0 && slot < p.ext.pool.num_slots;
 }
 
-__device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h) {
+// The pool slot in column `column` of sequence `seq`'s row of state_indices (1-D indices: column 0).
+__device__ __forceinline__ long long index_slot(const KdaParams& p, int seq, long long column) {
+  return load_index(p.ext.pool.state_indices, p.ext.pool.indices_int64, seq * p.ext.pool.indices_row_stride + column);
+}
+
+// Where sequence `seq`'s state is read and written. `column_slot(column)` gives the slot in a column of
+// the sequence's index row: a load here; the decode kernel answers from the row its lanes loaded early.
+template <class ColumnSlot>
+__device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h, ColumnSlot column_slot) {
   const long long head_offset = static_cast<long long>(h) * kHeadV * kHeadK;
   bool read = p.initial_state != nullptr;
   if ((p.features & kFeatureHasInitial) && !p.ext.pool.has_initial_state[seq]) read = false;
@@ -147,16 +155,21 @@ __device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int
     column = load_index(p.ext.pool.num_accepted_tokens, p.ext.pool.accepted_int64, seq) - 1;
     if (column < 0 || column >= p.ext.pool.indices_cols) return {-1, -1, true};
   }
-  const long long slot = load_index(p.ext.pool.state_indices, p.ext.pool.indices_int64, seq * p.ext.pool.indices_row_stride + column);
+  const long long slot = column_slot(column);
   if (!slot_valid(p, slot)) return {-1, -1, true};
   return {read ? slot * p.ext.pool.initial_slot_stride + head_offset : -1, slot * p.ext.pool.final_slot_stride + head_offset,
           false};
 }
 
+__device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h) {
+  return plan_state(p, seq, h, [&](long long column) { return index_slot(p, seq, column); });
+}
+
 // Per-token stores (kFeaturePerToken): where the state after token `t` goes, or -1 for nowhere.
-__device__ __forceinline__ long long token_state_offset(const KdaParams& p, int seq, int h, int t) {
+template <class ColumnSlot>
+__device__ __forceinline__ long long token_state_offset(const KdaParams& p, int h, int t, ColumnSlot column_slot) {
   if (t >= p.ext.pool.indices_cols) return -1;
-  const long long slot = load_index(p.ext.pool.state_indices, p.ext.pool.indices_int64, seq * p.ext.pool.indices_row_stride + t);
+  const long long slot = column_slot(t);
   return slot_valid(p, slot) ? slot * p.ext.pool.final_slot_stride + static_cast<long long>(h) * kHeadV * kHeadK : -1;
 }
 
