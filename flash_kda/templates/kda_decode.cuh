@@ -10,7 +10,7 @@
 // the per-token work of a warp is shared by more rows (api._decode_ctas_per_head).
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
-//   sk = s . k^,  sq = scale s . q^    (one butterfly reduction for all rows of the warp)
+//   sk = s . k^,  sq = scale s . q^    (one reduce-scatter over the warp for all rows: reduce_scatter8)
 //   u  = beta (v_row - sk),   S_row = s + u k^,   o_row = sq + u (scale k^ . q^).
 // Every warp recomputes the token's norms and gate for its own channels (L2-resident inputs,
 // far fewer bytes than the state it streams).
@@ -29,9 +29,8 @@ struct DecodeConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
   // __launch_bounds__ (spec.py): the grouped build holds a token's quantities across row groups and
-  // streams 4 groups through shared memory (96 registers a thread; -Xptxas -v shows 8 bytes of spill
-  // in some fixed-layout variants, all in the path for mis-hinted multi-token steps: it disappears
-  // with that loop removed); the one-group build (8 CTAs of a head) fits in 72 with no spill.
+  // streams 4 groups through shared memory (96 registers a thread; at 80, some variants spill); the
+  // one-group build (8 CTAs of a head) fits in 72. No variant spills (-Xptxas -v).
   template <bool GROUPED>
   static constexpr int kCtasPerSm = GROUPED ? 5 : 7;
 };
@@ -87,40 +86,56 @@ __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const Tok
   return t;
 }
 
+// The warp sums of 8 per-lane partials, with 9 shuffles in place of 8 butterflies' 40: each step sends the
+// half of the values a lane gives away and keeps the other half (a reduce-scatter). Lane L ends with the
+// whole sum of value 4 * bit4(L) + 2 * bit3(L) + bit2(L), i.e. of value (L >> 2) & 7 in lanes 4j .. 4j+3.
+__device__ __forceinline__ float reduce_scatter8(const float (&a)[8], int lane) {
+  const bool hi16 = lane & 16, hi8 = lane & 8, hi4 = lane & 4;
+  float b[4], c[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) b[i] = (hi16 ? a[i + 4] : a[i]) + __shfl_xor_sync(kFullMask, hi16 ? a[i] : a[i + 4], 16);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) c[i] = (hi8 ? b[i + 2] : b[i]) + __shfl_xor_sync(kFullMask, hi8 ? b[i] : b[i + 2], 8);
+  float d = (hi4 ? c[1] : c[0]) + __shfl_xor_sync(kFullMask, hi4 ? c[0] : c[1], 4);
+  d += __shfl_xor_sync(kFullMask, d, 2);
+  return d + __shfl_xor_sync(kFullMask, d, 1);
+}
+
+// The lanes that write a token's outputs (see apply_token), and the row each writes.
+__device__ __forceinline__ bool writes_output(int lane) { return (lane & 19) == 16; }  // lanes 16, 20, 24, 28
+__device__ __forceinline__ int output_row(int lane) { return (lane >> 2) & 3; }
+
 // One token on a group of rows: S = S diag(decay); u = beta (v - S k^); S += u k^T; o = S q^ (scaled).
-// Returns the 4 outputs (every lane holds them).
-__device__ __forceinline__ float4 apply_token(const TokenPrep& t, uint2 v_raw, float (&S)[DecodeConfig::kRows][4]) {
+// Returns o of row output_row(lane) on the lanes where writes_output(lane). 14 shuffles in all.
+__device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, float (&S)[DecodeConfig::kRows][4],
+                                             int lane) {
   constexpr int R = DecodeConfig::kRows;
   const float2 v01 = unpack_bf16(v_raw.x), v23 = unpack_bf16(v_raw.y);
   const float v[R] = {v01.x, v01.y, v23.x, v23.y};
-  float sk[R], sq[R];
+  float partial[2 * R];  // this lane's channels of sk (rows 0..3), then of sq
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    sk[r] = 0.0f, sq[r] = 0.0f;
+    partial[r] = 0.0f, partial[R + r] = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       S[r][j] *= t.decay[j];
-      sk[r] = fmaf(S[r][j], t.k_norm[j], sk[r]);
-      sq[r] = fmaf(S[r][j], t.q_norm[j], sq[r]);
+      partial[r] = fmaf(S[r][j], t.k_norm[j], partial[r]);
+      partial[R + r] = fmaf(S[r][j], t.q_norm[j], partial[R + r]);
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {  // all 2R sums at once: independent shuffles in flight
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      sk[r] += __shfl_xor_sync(kFullMask, sk[r], off);
-      sq[r] += __shfl_xor_sync(kFullMask, sq[r], off);
-    }
-  }
-  float o[R];
+  const float sum = reduce_scatter8(partial, lane);  // sk of row (lane >> 2) & 3 in lanes 0-15, sq in 16-31
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const float update = t.beta * (v[r] - sk[r]);
+    const float update = t.beta * (v[r] - __shfl_sync(kFullMask, sum, 4 * r));
 #pragma unroll
     for (int j = 0; j < 4; ++j) S[r][j] = fmaf(update, t.k_norm[j], S[r][j]);
-    o[r] = fmaf(update, t.qk_norm, sq[r]);
   }
-  return make_float4(o[0], o[1], o[2], o[3]);
+  // a writing lane's row: its sk sits 16 lanes down, its value is one half of v_raw's words
+  const int row = output_row(lane);
+  const uint32_t v_word = row & 2 ? v_raw.y : v_raw.x;
+  const float own_v = __uint_as_float(row & 1 ? v_word & 0xffff0000u : v_word << 16);
+  const float own_sk = __shfl_sync(kFullMask, sum, lane & 15);
+  return fmaf(t.beta * (own_v - own_sk), t.qk_norm, sum);
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
@@ -262,10 +277,9 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
   // Token t on the current group of rows: its output row, and its state when verify stores every token's.
   auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int t, int rows0) {
-    const float4 o = apply_token(prep, v_raw, S);
-    if (lane == 0) {
-      *reinterpret_cast<uint2*>(p.out + ((bos + t) * p.num_heads + h) * kHeadV + rows0) =
-          make_uint2(pack_bf16(o.x, o.y), pack_bf16(o.z, o.w));
+    const float o = apply_token(prep, v_raw, S, lane);
+    if (writes_output(lane)) {  // four lanes, one 8-byte segment
+      p.out[((bos + t) * p.num_heads + h) * kHeadV + rows0 + output_row(lane)] = __float2bfloat16_rn(o);
     }
     if constexpr (STATE_OUT != kStateNone) {
       if (per_token) {
