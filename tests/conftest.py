@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def baked_cache(tmp_path_factory) -> Path:
     (the precompile path); tests that need real cubins or a complete cache share it."""
     import flash_kda
     directory = tmp_path_factory.mktemp("baked_cache")
-    entries = flash_kda.precompile(cache_dir=directory, compiler="nvrtc")
+    # with the spill check on: a specialisation that spills to local memory fails here
+    previous = os.environ.get("FLASH_KDA_JIT_CHECK_SPILLS")
+    os.environ["FLASH_KDA_JIT_CHECK_SPILLS"] = "1"
+    try:
+        entries = flash_kda.precompile(cache_dir=directory, compiler="nvrtc")
+    finally:
+        if previous is None:
+            del os.environ["FLASH_KDA_JIT_CHECK_SPILLS"]
+        else:
+            os.environ["FLASH_KDA_JIT_CHECK_SPILLS"] = previous
     assert entries and all(e.compiled for e in entries)
     return directory

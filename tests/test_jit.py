@@ -17,7 +17,7 @@ from flash_kda.errors import CacheMissError, CompileError
 from flash_kda.jit import KernelCache, KernelSpec, all_specs, build, get_compiler
 from flash_kda.jit import cache as cache_mod
 from flash_kda.jit.compiler import NVRTCCompiler
-from flash_kda.jit.spec import KERNEL_NAME
+from flash_kda.jit.spec import KERNEL_NAME, DecodeSpec
 
 from cache_helpers import FakeCompiler as CountingCompiler
 
@@ -154,3 +154,33 @@ def test_cli_precompile_info_and_clear(baked_cache, tmp_path):
     shutil.copytree(baked_cache, copy)
     res = _cli("clear-cache", "--cache-dir", str(copy))
     assert res.returncode == 0 and f"removed {len(ALL_SPECS)} entries" in res.stdout
+
+
+def test_spill_check_refuses_a_kernel_that_spills(monkeypatch):
+    report = ("ptxas info    : Function properties for flash_kda_fwd_kernel\n"
+              "ptxas         .     8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads")
+    monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", report if verbose else ""))
+    assert NVRTCCompiler().compile(SMALL) == b"cubin"  # the check is off by default
+    monkeypatch.setenv("FLASH_KDA_JIT_CHECK_SPILLS", "1")
+    with pytest.raises(CompileError, match="spills to local memory") as excinfo:
+        NVRTCCompiler().compile(SMALL)
+    assert "8 bytes spill stores" in str(excinfo.value)
+
+
+def test_dump_writes_source_ptx_report_and_cubin(tmp_path, monkeypatch):
+    """FLASH_KDA_JIT_DUMP with a real NVRTC compile (the one-group decode kernel, the smallest)."""
+    monkeypatch.setenv("FLASH_KDA_JIT_DUMP", str(tmp_path))
+    spec = DecodeSpec(state_in="bf16", state_out="bf16", varlen=False)
+    cubin = NVRTCCompiler().compile(spec)
+    entry = tmp_path / spec.name
+    assert (entry / "source.cu").read_text() == spec.source()
+    assert (entry / "kernel.cubin").read_bytes() == cubin
+    assert ".entry" in (entry / "kernel.ptx").read_text()
+    assert "0 bytes spill stores" in (entry / "ptxas.log").read_text()
+
+
+def test_lineinfo_changes_the_identity_and_so_the_key(monkeypatch):
+    compiler = NVRTCCompiler()
+    plain = compiler.identity(SMALL)
+    monkeypatch.setenv("FLASH_KDA_JIT_LINEINFO", "1")
+    assert compiler.identity(SMALL) == plain.replace(" -DNDEBUG", " -DNDEBUG -lineinfo")

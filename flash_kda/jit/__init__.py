@@ -6,7 +6,6 @@ device) it is one dict lookup.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -14,21 +13,17 @@ from pathlib import Path
 from ..errors import CacheMissError, CompileError
 from .cache import KernelCache, cache_key, default_cache_dir
 from .compiler import Compiler, get_compiler
+from .env import env_flag
 from .runtime import LoadedKernel, check_compiler_fits_driver
 from .spec import KernelSpec, all_specs
 
 log = logging.getLogger("flash_kda.jit")
 
 __all__ = ["KernelSpec", "all_specs", "build", "get_kernel", "KernelCache", "CompileError", "CacheMissError",
-           "default_cache_dir", "get_compiler"]
+           "default_cache_dir", "get_compiler", "env_flag"]
 
 _loaded: dict[tuple[KernelSpec, int], LoadedKernel] = {}
 _lock = threading.Lock()
-
-
-def env_flag(name: str) -> bool:
-    """A FLASH_KDA_* switch: off when unset, empty, 0, false, no or off (any case); on otherwise."""
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def build(spec: KernelSpec, cache: KernelCache | None = None, compiler: Compiler | None = None,

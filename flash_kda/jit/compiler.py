@@ -3,18 +3,30 @@
 A compiler is identified by ``identity()`` (name, version, flags without include paths) and
 ``header_digest()`` (the bytes of the headers it reads from those paths); both enter the cache
 key, so a different compiler, flag or edited header never reuses a stale binary.
+
+Debugging switches, read at each compile (DeepGEMM's DG_JIT_* in spirit):
+
+- ``FLASH_KDA_JIT_CHECK_SPILLS=1``: ptxas reports registers and spills (logged at DEBUG), and a
+  kernel that spills to local memory fails to compile with that report. CI compiles every
+  specialisation this way.
+- ``FLASH_KDA_JIT_DUMP=<dir>``: each compile writes ``<dir>/<spec name>/``: the generated source,
+  the PTX, the ptxas report, and the SASS when cuobjdump or nvdisasm is found.
+- ``FLASH_KDA_JIT_LINEINFO=1``: ``-lineinfo`` for profilers. It changes the binary, so it is a flag
+  of the identity and enters the key; the other two do not change the cubin.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import CompileError, CompilerUnavailableError
+from .env import env_flag
 from .headers import header_digest, include_dirs
 from .spec import KernelSpec, template_sources
 
@@ -37,7 +49,8 @@ class Compiler:
     toolkit_headers = True  # whether the pip CUDA headers are passed (NVRTC) or the compiler's own are used
 
     def flags(self, spec: KernelSpec) -> list[str]:
-        return [*COMMON_FLAGS, *(f"-I{d}" for d in include_dirs(self.toolkit_headers))]
+        lineinfo = ["-lineinfo"] if env_flag("FLASH_KDA_JIT_LINEINFO") else []
+        return [*COMMON_FLAGS, *lineinfo, *(f"-I{d}" for d in include_dirs(self.toolkit_headers))]
 
     def identity(self, spec: KernelSpec) -> str:
         major, minor = self.version()
@@ -50,7 +63,48 @@ class Compiler:
         return header_digest(self.toolkit_headers)
 
     def compile(self, spec: KernelSpec) -> bytes:
+        """The cubin for ``spec``, with the debugging switches of the module docstring applied."""
+        check_spills = env_flag("FLASH_KDA_JIT_CHECK_SPILLS")
+        dump = os.environ.get("FLASH_KDA_JIT_DUMP", "").strip()
+        cubin, report = self._compile(spec, ptx=False, verbose=check_spills or bool(dump))
+        if report:
+            log.debug("flash_kda: ptxas on %s:\n%s", spec.name, report)
+        if dump:
+            _dump(Path(dump) / spec.name, spec, cubin, report, self._compile(spec, ptx=True, verbose=False)[0])
+        if check_spills:
+            spilled = [int(n) for n in _SPILLS.findall(report)]
+            if not spilled:
+                raise CompileError(spec.name, self.name, f"FLASH_KDA_JIT_CHECK_SPILLS=1: no ptxas report to check\n{report}")
+            if any(spilled):
+                raise CompileError(spec.name, self.name,
+                                   f"FLASH_KDA_JIT_CHECK_SPILLS=1: the kernel spills to local memory\n{report}")
+        return cubin
+
+    def _compile(self, spec: KernelSpec, *, ptx: bool, verbose: bool) -> tuple[bytes, str]:
+        """(cubin, or PTX when ``ptx``; the ptxas report when ``verbose``, else "")."""
         raise NotImplementedError
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill (?:stores|loads)")
+
+
+def _dump(directory: Path, spec: KernelSpec, cubin: bytes, report: str, ptx: bytes) -> None:
+    """FLASH_KDA_JIT_DUMP: the source, PTX, ptxas report and (when a disassembler is found) SASS of one compile."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "source.cu").write_text(spec.source())
+    (directory / "kernel.ptx").write_bytes(ptx.rstrip(b"\x00"))
+    (directory / "ptxas.log").write_text(report)
+    (directory / "kernel.cubin").write_bytes(cubin)
+    for tool, args in (("cuobjdump", ["-sass"]), ("nvdisasm", ["-c"])):
+        path = shutil.which(tool) or shutil.which(tool, path=os.pathsep.join(NVCC_DIRS))
+        if path:
+            proc = subprocess.run([path, *args, str(directory / "kernel.cubin")], capture_output=True, text=True)
+            if proc.returncode == 0:
+                (directory / "kernel.sass").write_text(proc.stdout)
+                break
+    else:
+        log.debug("flash_kda: no cuobjdump or nvdisasm found; %s has no SASS", directory)
+    log.warning("flash_kda: FLASH_KDA_JIT_DUMP wrote %s", directory)
 
 
 class NVRTCCompiler(Compiler):
@@ -73,7 +127,7 @@ class NVRTCCompiler(Compiler):
     def flags(self, spec: KernelSpec) -> list[str]:
         return [f"--gpu-architecture={spec.arch}", "-default-device", *super().flags(spec)]
 
-    def compile(self, spec: KernelSpec) -> bytes:
+    def _compile(self, spec: KernelSpec, *, ptx: bool, verbose: bool) -> tuple[bytes, str]:
         from cuda.bindings import nvrtc
         headers = template_sources()
         names = [n.encode() for n in headers]
@@ -82,16 +136,22 @@ class NVRTCCompiler(Compiler):
                                              len(names), bodies, names)
         _check_nvrtc(err, "nvrtcCreateProgram")
         try:
-            opts = [f.encode() for f in self.flags(spec)]
+            flags = self.flags(spec)
+            if ptx:  # a virtual architecture: NVRTC then stops at PTX
+                flags = [f"--gpu-architecture={spec.arch.replace('sm_', 'compute_')}" if f.startswith("--gpu-") else f
+                         for f in flags]
+            opts = [f.encode() for f in flags + (["--ptxas-options=-v"] if verbose else [])]
             (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
                 raise CompileError(spec.name, self.name, _program_log(prog))
-            err, size = nvrtc.nvrtcGetCUBINSize(prog)
-            _check_nvrtc(err, "nvrtcGetCUBINSize")
-            cubin = b" " * size
-            (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-            _check_nvrtc(err, "nvrtcGetCUBIN")
-            return cubin
+            get_size, get = (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if ptx else (nvrtc.nvrtcGetCUBINSize,
+                                                                                      nvrtc.nvrtcGetCUBIN)
+            err, size = get_size(prog)
+            _check_nvrtc(err, get_size.__name__)
+            image = b" " * size
+            (err,) = get(prog, image)
+            _check_nvrtc(err, get.__name__)
+            return image, _program_log(prog) if verbose else ""
         finally:
             nvrtc.nvrtcDestroyProgram(prog)
 
@@ -123,17 +183,21 @@ class NVCCCompiler(Compiler):
         compute = spec.arch.replace("sm_", "compute_")
         return [f"-gencode=arch={compute},code={spec.arch}", *super().flags(spec)]
 
-    def compile(self, spec: KernelSpec) -> bytes:
+    def _compile(self, spec: KernelSpec, *, ptx: bool, verbose: bool) -> tuple[bytes, str]:
         with tempfile.TemporaryDirectory(prefix="flash_kda_nvcc_") as tmp:
             for name, body in template_sources().items():
                 Path(tmp, name).write_text(body)
-            src, out = Path(tmp, f"{spec.name}.cu"), Path(tmp, "kernel.cubin")
+            src, out = Path(tmp, f"{spec.name}.cu"), Path(tmp, "kernel.out")
             src.write_text(spec.source())
-            cmd = [self._nvcc(), "-cubin", *self.flags(spec), f"-I{tmp}", str(src), "-o", str(out)]
+            flags = self.flags(spec)
+            if ptx:
+                flags = [f"-arch={spec.arch.replace('sm_', 'compute_')}" if f.startswith("-gencode") else f for f in flags]
+            cmd = [self._nvcc(), "-ptx" if ptx else "-cubin", *flags, *(["-Xptxas", "-v"] if verbose else []),
+                   f"-I{tmp}", str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise CompileError(spec.name, self.name, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-            return out.read_bytes()
+            return out.read_bytes(), (proc.stdout + proc.stderr).strip() if verbose else ""
 
 
 @functools.lru_cache(maxsize=None)
