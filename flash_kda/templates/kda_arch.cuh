@@ -44,6 +44,11 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
 }
 
+// Makes this thread's mbarrier initialisations visible to the whole cluster (before a cluster barrier).
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
 // Arrive on the mbarrier at `bar`: a shared::cta address (this CTA) or a shared::cluster address from
 // map_to_rank.  Release at CTA scope, as CUTLASS's cluster pipelines do: cluster scope would make ptxas
 // add MEMBAR.ALL.GPU, which waits for every outstanding global store.  Data crosses CTAs only through

@@ -1,0 +1,67 @@
+// flash_kda: the chunked kernel's launch shape per V-slice width and its shared-memory layout: the
+// slot ring through which producer warps hand prepared chunks to the consumers (kda_fwd.cuh).
+#pragma once
+
+#include "kda_params.cuh"
+
+namespace flash_kda {
+
+constexpr int kRowPad = 136;  // bf16 row stride of 16x128 tiles read by ldmatrix (no bank conflicts)
+constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
+
+// Launch shape of one V-slice width: the cluster size, the warp roles and the slot ring.
+template <int VB>
+struct Config {
+  static constexpr int kSplits = kHeadV / VB;  // CTAs per (sequence, head)
+  // CTAs per cluster: consecutive V-slices of one (sequence, head) that share the chunk
+  // preparation.  Pairs, because clusters of 4 single-CTA SMs do not all fit at once on an H100
+  // (cuOccupancyMaxActiveClusters: 30 of 33), which would leave a second wave at 128 CTAs.
+  static constexpr int kCluster = kSplits < 2 ? kSplits : 2;
+  static constexpr int kProducerWarps = 4;
+  static constexpr int kSlots = kCluster * kProducerWarps;  // chunks in flight, one slot per producer warp
+  static constexpr int kClusterV = kCluster * VB;             // value columns a producer loads
+  static constexpr int kConsumerWarps = VB / 16;
+  static constexpr int kConsumerThreads = kConsumerWarps * 32;
+  static constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
+};
+
+// ---------------------------------------------------------------- shared memory
+
+template <int VB>
+struct Stage {  // producer -> consumer hand-off for one chunk
+  bf16 kd[kChunk][kRowPad];  // k^ e^{G}
+  bf16 qd[kChunk][kRowPad];  // scale q^ e^{G}
+  bf16 kr[kChunk][kRowPad];  // k^ e^{G_last - G}
+  bf16 t[kChunk][kSmallPad]; // (I + L)^-1 diag(beta)
+  bf16 m[kChunk][kSmallPad]; // lower-triangular (incl. diagonal) Qd Ki^T
+  float gamma[kHeadK];       // e^{G_last}
+  bf16 v[kChunk][VB + 8];    // V chunk (token, value column), padded for ldmatrix
+};
+
+template <int CV>
+struct RawChunk {  // one producer warp's raw inputs as loaded (zero-filled past the end)
+  bf16 q[kChunk][kHeadK];
+  bf16 k[kChunk][kHeadK];
+  // g as loaded; once the gate pass has read it, k^ e^{-G} (padded rows for ldmatrix)
+  bf16 g_ki[kChunk][kRowPad];
+  bf16 v[kChunk][CV];  // the cluster's V-slices: each goes to its CTA
+};
+
+struct ProducerScratch {  // private to one producer warp
+  float l[kChunk][kChunk + 1];
+  float inv_norm_q[kChunk];
+  float inv_norm_k[kChunk];
+};
+
+template <int VB>
+struct SharedStorage {
+  using Cfg = Config<VB>;
+  Stage<VB> stage[Cfg::kSlots];
+  RawChunk<Cfg::kClusterV> raw[Cfg::kProducerWarps];
+  ProducerScratch scratch[Cfg::kProducerWarps];
+  bf16 out[Cfg::kConsumerWarps][kChunk][kSmallPad];  // per consumer warp output staging
+  uint64_t full[Cfg::kSlots];   // slot written (every CTA)
+  uint64_t empty[Cfg::kSlots];  // slot consumed by every CTA (meaningful in the producing CTA)
+};
+
+}  // namespace flash_kda
