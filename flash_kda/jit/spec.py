@@ -20,7 +20,8 @@ from .arch import DEFAULT_TARGETS, check_target
 
 STATE_DTYPES = ("none", "bf16", "fp32")
 _STATE_CODE = {"none": 0, "bf16": 1, "fp32": 2}  # kStateNone / kStateBF16 / kStateFP32
-GATES = ("bounded",)
+# Gate kinds: the C++ type of each (templates/kda_gate.cuh), the one place a new kind is named.
+GATES = {"bounded": "flash_kda::BoundedGate"}
 V_BLOCKS = (32, 64, 128)
 HEAD_DIM = 128
 PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
@@ -51,7 +52,7 @@ class _SpecBase:
         if self.state_in not in STATE_DTYPES or self.state_out not in STATE_DTYPES:
             raise ValueError(f"state dtypes must be in {STATE_DTYPES}, got {self.state_in!r}/{self.state_out!r}")
         if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+            raise ValueError(f"gate must be one of {tuple(GATES)}, got {self.gate!r}")
         if (self.head_k, self.head_v) != (HEAD_DIM, HEAD_DIM):
             raise ValueError(f"only K = V = {HEAD_DIM} is implemented, got K={self.head_k} V={self.head_v}")
         check_target(self.arch)
@@ -129,7 +130,8 @@ class KernelSpec(_SpecBase):
         return min(self.splits, 2)
 
     def source(self) -> str:
-        args = f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}"
+        args = (f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, "
+                f"{GATES[self.gate]}")
         return self._entry(
             self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",
             f"flash_kda::kda_fwd<{args}>(p)", f"sizeof(flash_kda::SharedStorage<{self.v_block}>)",
@@ -171,7 +173,8 @@ class DecodeSpec(_SpecBase):
 
     def source(self) -> str:
         grouped = _cpp_bool(self.grouped)
-        args = f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {grouped}"
+        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {grouped}, "
+                f"{GATES[self.gate]}")
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "

@@ -74,7 +74,7 @@ __device__ __forceinline__ void issue_chunk_load(const ChunkInputs& in, RawChunk
 // (c / kCluster) % kProducerWarps == warp, i.e. chunk slot + k * kSlots, k = 0, 1, ..., always into
 // slot `slot` = warp * kCluster + rank of every CTA of the cluster.  `cv0`: the cluster's first
 // value column.
-template <int VB, bool VARLEN>
+template <int VB, bool VARLEN, class Gate>
 __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int cv0, long long bos,
                          int seq_len, int num_chunks, int rank, int warp, int lane) {
   using Cfg = Config<VB>;
@@ -89,7 +89,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
   constexpr uint32_t kRemoteBytes = kBulkBytes + kChunk * VB * sizeof(bf16);
   static_assert(kBulkBytes % 16 == 0, "bulk copies move 16-byte multiples");
   const int c0 = lane * 4;  // key channels c0..c0+3 owned in the element-wise pass
-  const BoundedGate gate(p, h, c0);
+  const Gate gate(p, h, c0);
   const ChunkInputs in(p, VARLEN, seq, bos, h);
 
   auto chunk_valid = [&](int chunk) { return min(kChunk, seq_len - chunk * kChunk); };

@@ -53,7 +53,8 @@ struct TokenStage {
   uint2 v;
 };
 
-__device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const TokenRaw& in, const BoundedGate& gate) {
+template <class Gate>
+__device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const TokenRaw& in, const Gate& gate) {
   TokenPrep t;
   const float2 q01 = unpack_bf16(in.q.x), q23 = unpack_bf16(in.q.y);
   const float2 k01 = unpack_bf16(in.k.x), k23 = unpack_bf16(in.k.y);
@@ -144,7 +145,8 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
 // groups. GROUPED: a build for 1, 2 or 4 CTAs per head (warps walk several groups, streamed through
 // shared memory); otherwise 8 CTAs per head and one group per warp (more CTAs resident: fp32 states,
 // small batches and multi-token steps).
-template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED>
+// Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
+template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED, class Gate>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
   constexpr int R = Cfg::kRows;
@@ -162,7 +164,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   // lane j loads column j of the sequence's index row, so that the starting column picked by
   // num_accepted_tokens and every token's slot come from a shuffle), then the state rows and the
   // first token's inputs, which need the slot and the bounds. Later tokens are loaded one ahead.
-  const BoundedGate::Raw gate_raw = BoundedGate::load(p, h, c0);
+  const typename Gate::Raw gate_raw = Gate::load(p, h, c0);
   long long bos, eos;
   sequence_bounds<VARLEN>(p, seq, bos, eos);
   const bool pool = (p.features & kFeaturePool) != 0;
@@ -259,7 +261,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   }
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
   uint2 v_first = seq_len > 0 ? load_v(0, 0) : uint2{};  // token 0's values for the group being loaded
-  const BoundedGate gate(p, gate_raw);
+  const Gate gate(p, gate_raw);
   // token 0's quantities: the grouped build keeps them for every group (all of a one-token step)
   const TokenPrep first_prep = prepare_token(p, first, gate);
   const bool per_token = (p.features & kFeaturePerToken) != 0;

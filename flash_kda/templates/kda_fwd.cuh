@@ -39,7 +39,8 @@ namespace flash_kda {
 
 // ---------------------------------------------------------------- entry
 
-template <int VB, int STATE_IN, int STATE_OUT, bool VARLEN>
+// Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
+template <int VB, int STATE_IN, int STATE_OUT, bool VARLEN, class Gate>
 __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   static_assert(VB % 16 == 0 && kHeadV % VB == 0, "VB must divide the value head dim in 16-row slices");
   using Cfg = Config<VB>;
@@ -76,7 +77,7 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
 
   if (threadIdx.x >= Cfg::kConsumerThreads) {
     const int ptid = threadIdx.x - Cfg::kConsumerThreads;
-    producer<VB, VARLEN>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
+    producer<VB, VARLEN, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
     consumer<VB, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
                                       threadIdx.x & 31);

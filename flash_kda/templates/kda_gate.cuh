@@ -2,6 +2,9 @@
 //
 // Kernels work in log2 units (decay = 2^G2) so that every exponential is one ex2.approx.
 // A gate object is built once per (head, four key channels) and then accumulates gamma2 per token.
+// The kernels take the gate as a template parameter (spec.py GATES names the type per gate kind); a
+// gate kind provides: `Raw` and `static Raw load(p, h, c0)` (its parameters as stored), constructors
+// from (p, raw) and from (p, h, c0), and `float accumulate(float G2, float g, int j) const`.
 #pragma once
 
 #include "kda_params.cuh"
