@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from .jit.arch import DEFAULT_TARGETS
+from .jit.arch import ARCHS, DEFAULT_TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +63,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .jit import KernelCache, get_compiler
-    from .jit.arch import ARCHS, arch_for_capability
+    from .jit.arch import arch_for_capability
     from .jit.headers import include_dirs
 
     print(f"flash_kda {__version__}")
@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="cache directory (default: FLASH_KDA_CACHE_DIR or ~/.cache/flash_kda)")
     targets = argparse.ArgumentParser(add_help=False)
     targets.add_argument("--arch", action="append",
-                         help="target arch, e.g. sm_90a, or 'all' (repeatable; default sm_90a)")
+                         help=f"target arch, one of {', '.join(ARCHS)}, or 'all' (repeatable; default "
+                              f"{', '.join(DEFAULT_TARGETS)})")
     targets.add_argument("--compiler", choices=("nvrtc", "nvcc"), default=None,
                          help="nvrtc (default, or FLASH_KDA_COMPILER) or nvcc; part of the cache key")
     p = sub.add_parser("precompile", parents=[targets, cache],

@@ -42,7 +42,7 @@ class _SpecBase:
     gate: str = "bounded"
     head_k: int = HEAD_DIM
     head_v: int = HEAD_DIM
-    arch: str = "sm_90a"
+    arch: str = DEFAULT_TARGETS[0]  # the arch table (arch.py) names the targets
 
     kind: ClassVar[str] = ""
     template: ClassVar[str] = ""
