@@ -23,6 +23,11 @@ ARCHS: dict[str, Arch] = {arch.target: arch for arch in (
 DEFAULT_TARGETS: tuple[str, ...] = tuple(ARCHS)
 
 
+def virtual_target(target: str) -> str:
+    """The PTX (virtual) architecture of a real target: sm_90a -> compute_90a."""
+    return target.replace("sm_", "compute_")
+
+
 def supported_targets() -> str:
     return ", ".join(ARCHS)
 

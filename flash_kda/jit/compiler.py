@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CompileError, CompilerUnavailableError
+from .arch import virtual_target
 from .env import env_flag
 from .headers import header_digest, include_dirs
 from .spec import KernelSpec, template_sources
@@ -96,7 +97,7 @@ def _dump(directory: Path, spec: KernelSpec, cubin: bytes, report: str, ptx: byt
     (directory / "ptxas.log").write_text(report)
     (directory / "kernel.cubin").write_bytes(cubin)
     for tool, args in (("cuobjdump", ["-sass"]), ("nvdisasm", ["-c"])):
-        path = shutil.which(tool) or shutil.which(tool, path=os.pathsep.join(NVCC_DIRS))
+        path = toolkit_tool(tool)
         if path:
             proc = subprocess.run([path, *args, str(directory / "kernel.cubin")], capture_output=True, text=True)
             if proc.returncode == 0:
@@ -138,8 +139,7 @@ class NVRTCCompiler(Compiler):
         try:
             flags = self.flags(spec)
             if ptx:  # a virtual architecture: NVRTC then stops at PTX
-                flags = [f"--gpu-architecture={spec.arch.replace('sm_', 'compute_')}" if f.startswith("--gpu-") else f
-                         for f in flags]
+                flags = [f"--gpu-architecture={virtual_target(spec.arch)}" if f.startswith("--gpu-") else f for f in flags]
             opts = [f.encode() for f in flags + (["--ptxas-options=-v"] if verbose else [])]
             (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -163,13 +163,11 @@ class NVCCCompiler(Compiler):
     toolkit_headers = False
 
     def _nvcc(self) -> str:
-        """nvcc from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin."""
+        """nvcc (``toolkit_tool``), or an error that says where it looked and what chose it."""
+        nvcc = toolkit_tool("nvcc")
+        if nvcc:
+            return nvcc
         home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-        candidates = [str(Path(home, "bin", "nvcc"))] if home else []
-        candidates += [shutil.which("nvcc"), *(os.path.join(d, "nvcc") for d in NVCC_DIRS)]
-        for candidate in candidates:
-            if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-                return candidate
         looked = ", ".join([*([f"{home}/bin"] if home else []), "PATH", *NVCC_DIRS])
         chosen = f" (selected by {self.selected_by})" if self.selected_by else ""
         raise CompilerUnavailableError(
@@ -180,8 +178,7 @@ class NVCCCompiler(Compiler):
         return _nvcc_version(self._nvcc())
 
     def flags(self, spec: KernelSpec) -> list[str]:
-        compute = spec.arch.replace("sm_", "compute_")
-        return [f"-gencode=arch={compute},code={spec.arch}", *super().flags(spec)]
+        return [f"-gencode=arch={virtual_target(spec.arch)},code={spec.arch}", *super().flags(spec)]
 
     def _compile(self, spec: KernelSpec, *, ptx: bool, verbose: bool) -> tuple[bytes, str]:
         with tempfile.TemporaryDirectory(prefix="flash_kda_nvcc_") as tmp:
@@ -191,13 +188,24 @@ class NVCCCompiler(Compiler):
             src.write_text(spec.source())
             flags = self.flags(spec)
             if ptx:
-                flags = [f"-arch={spec.arch.replace('sm_', 'compute_')}" if f.startswith("-gencode") else f for f in flags]
+                flags = [f"-arch={virtual_target(spec.arch)}" if f.startswith("-gencode") else f for f in flags]
             cmd = [self._nvcc(), "-ptx" if ptx else "-cubin", *flags, *(["-Xptxas", "-v"] if verbose else []),
                    f"-I{tmp}", str(src), "-o", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise CompileError(spec.name, self.name, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
             return out.read_bytes(), (proc.stdout + proc.stderr).strip() if verbose else ""
+
+
+def toolkit_tool(name: str) -> str | None:
+    """A CUDA toolkit program (nvcc, cuobjdump, ...) from $CUDA_HOME/bin, then PATH, then /usr/local/cuda/bin."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [str(Path(home, "bin", name))] if home else []
+    candidates += [shutil.which(name), *(os.path.join(d, name) for d in NVCC_DIRS)]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -103,6 +103,11 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t packed) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
 }
 
+__device__ __forceinline__ float4 unpack_bf16x4(uint2 packed) {  // four consecutive bf16
+  const float2 lo = unpack_bf16(packed.x), hi = unpack_bf16(packed.y);
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
 // 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Arguments
 // here stay in [-126, 126], so flushing subnormal results to zero changes nothing.
 __device__ __forceinline__ float ex2(float x) {

@@ -229,11 +229,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       if constexpr (STATE_IN == kStateFP32) {
         if (stage_source != nullptr) row = *reinterpret_cast<const float4*>(stage_row(group, r));
       } else if constexpr (STATE_IN == kStateBF16) {
-        if (stage_source != nullptr) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(stage_row(group, r));
-          const float2 lo = unpack_bf16(raw.x), hi = unpack_bf16(raw.y);
-          row = make_float4(lo.x, lo.y, hi.x, hi.y);
-        }
+        if (stage_source != nullptr) row = unpack_bf16x4(*reinterpret_cast<const uint2*>(stage_row(group, r)));
       }
       rows[r][0] = row.x, rows[r][1] = row.y, rows[r][2] = row.z, rows[r][3] = row.w;
     }

@@ -198,9 +198,7 @@ __device__ __forceinline__ float4 load_state4(const void* base, long long idx) {
   if constexpr (KIND == kStateFP32) {
     return __ldcs(reinterpret_cast<const float4*>(static_cast<const float*>(base) + idx));
   } else {
-    const uint2 raw = __ldcs(reinterpret_cast<const uint2*>(static_cast<const bf16*>(base) + idx));
-    const float2 lo = unpack_bf16(raw.x), hi = unpack_bf16(raw.y);
-    return make_float4(lo.x, lo.y, hi.x, hi.y);
+    return unpack_bf16x4(__ldcs(reinterpret_cast<const uint2*>(static_cast<const bf16*>(base) + idx)));
   }
 }
 
