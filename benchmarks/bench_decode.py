@@ -27,6 +27,7 @@ from common import make_inputs
 H, VK = 32, 128 * 128
 TARGET_VS_FLA = 1.2     # decode at small N: at least this much faster than FLA
 TARGET_VS_FLOOR = 1.1   # large N decode and verify: within this factor of the floor
+TARGET_SOFTPLUS = 1.05  # decode with the softplus gate: within this factor of the bounded gate
 
 
 def bench(fn, graph: bool = False) -> float:
@@ -69,7 +70,7 @@ def pool_of(slots: int, dtype) -> torch.Tensor:
     return (torch.randn(slots, H, 128, 128, device="cuda") * 0.1).to(dtype)
 
 
-def decode_case(N: int, dtype, fla, bandwidth: float) -> tuple:
+def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None = -5.0) -> tuple:
     slots = max(512, 2 * N)
     inp = make_inputs(1, N, H, seed=N)
     cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
@@ -79,8 +80,8 @@ def decode_case(N: int, dtype, fla, bandwidth: float) -> tuple:
 
     def ours():
         flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
-                      inp["dt_bias"], -5.0, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices,
-                      max_seqlen=1)
+                      inp["dt_bias"], lower_bound, initial_state=pool, final_state=pool, cu_seqlens=cu,
+                      state_indices=indices, max_seqlen=1)
 
     t_ours = bench(ours, graph=True)
     t_fla = bench(lambda: fla(inp, pool, cu, indices), graph=True) if fla else None
@@ -149,6 +150,15 @@ def main() -> None:
         ours, theirs, floor = verify_case(64, 4, dtype, fla, bandwidth)
         print(_row("verify N=64 T=4, state per token", label, ours, theirs, floor, f"≤ {TARGET_VS_FLOOR}× floor",
                    ours / floor <= TARGET_VS_FLOOR))
+    print(f"\ndecode T=1 N=256 with the softplus gate (lower_bound=None) against the bounded gate "
+          f"(target ≤ {TARGET_SOFTPLUS}×):\n")
+    print("| pool | bounded ms | softplus ms | softplus/bounded | pass |")
+    print("|---|---:|---:|---:|:---:|")
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        bounded = decode_case(256, dtype, None, bandwidth)[0]
+        softplus = decode_case(256, dtype, None, bandwidth, lower_bound=None)[0]
+        print(f"| {label} | {bounded:.4f} | {softplus:.4f} | {softplus / bounded:.3f} | "
+              f"{'pass' if softplus / bounded <= TARGET_SOFTPLUS else 'fail'} |")
     t_pool, t_dense = chunked_prefill_case(8, 256)
     print(f"\nchunked prefill N=8 × 256 (fp32): from the pool {t_pool:.4f} ms, dense states {t_dense:.4f} ms, "
           f"ratio {t_pool / t_dense:.3f} (target ≤ 1.05: {'pass' if t_pool / t_dense <= 1.05 else 'fail'})")

@@ -1,7 +1,8 @@
 """flash_kda vs FLA's Triton chunk_kda on the BASELINES cases, timed in the same process.
 
 Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floor/ours), the
-V-slice sweep, the host cost per call and the first-call costs.
+V-slice sweep, the serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the
+bounded gate, and FLA's softplus path), the host cost per call and the first-call costs.
 Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick]
 (--quick: the main table only, with plain calls, so that it can time an older flash_kda too)."""
 from __future__ import annotations
@@ -21,6 +22,8 @@ from flash_kda.jit.spec import V_BLOCKS
 from common import fla_chunk_kda, make_inputs, time_ms
 
 HBM_BYTES_PER_S = 3.0e12  # measured H100 copy bandwidth (BASELINES.md)
+SOFTPLUS_VS_BOUNDED = 1.10  # the softplus gate (and lower_bound -8): at most this much slower than lower_bound -5
+SOFTPLUS_VS_FLA = {"T8192 H96 fixed": 3.0, "T8192 H64 varlen6": 3.0, "T32768 H32 fixed": 2.5}
 CASES = [  # name, B, T, H, sequence lengths (varlen) or None, target ratio vs FLA
     ("T8192 H96 fixed", 1, 8192, 96, None, 3.2),
     ("T8192 H96 varlen [1300,547,2048,963,271,3063]", 1, 8192, 96, [1300, 547, 2048, 963, 271, 3063], 3.1),
@@ -70,9 +73,9 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     offsets = checkpoints_for(lens if lens is not None else [T] * B)
     ckpt = torch.empty(N, 2, H, 128, 128, device="cuda")
 
-    def ours(vb=None, x=inp, **serving):
+    def ours(vb=None, x=inp, lower_bound=-5.0, **serving):
         return lambda: flash_kda.fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], scale, out,
-                                     x["A_log"], x["dt_bias"], -5.0, initial_state=h0, final_state=final,
+                                     x["A_log"], x["dt_bias"], lower_bound, initial_state=h0, final_state=final,
                                      cu_seqlens=cu, v_block=vb, **serving)
 
     default = time_ms(ours(), reps=reps)
@@ -80,12 +83,16 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
     checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
         float("nan")
-    fla = None
-    if with_fla:
-        fla = time_ms(lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale,
-                                            inp["A_log"], inp["dt_bias"], -5.0, initial_state=h0,
-                                            cu_seqlens=cu), reps=reps)
-    return default, sweep, fla, floor_ms(B, T, H, N), strided, checkpointed
+    def fla_call(lower_bound):
+        return lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, inp["A_log"],
+                                     inp["dt_bias"], lower_bound, initial_state=h0, cu_seqlens=cu)
+
+    fla = time_ms(fla_call(-5.0), reps=reps) if with_fla else None
+    gates = {}
+    if not quick:  # ours with the softplus gate and lower_bound -8, FLA's softplus path (safe_gate=False)
+        gates = {"softplus": time_ms(ours(lower_bound=None), reps=reps), "lb-8": time_ms(ours(lower_bound=-8.0), reps=reps),
+                 "fla softplus": time_ms(fla_call(None), reps=reps) if with_fla else None}
+    return default, sweep, fla, floor_ms(B, T, H, N), strided, checkpointed, gates
 
 
 def host_cost_us(calls: int = 2000) -> float:
@@ -133,12 +140,14 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
           f"flash_kda {flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}")
-    rows, sweeps, serving = [], [], []
+    rows, sweeps, serving, gates = [], [], [], []
     for name, B, T, H, lens, target in CASES:
-        ours, sweep, fla, floor, strided, checkpointed = bench_case(B, T, H, lens, with_fla, args.reps, args.quick)
+        ours, sweep, fla, floor, strided, checkpointed, gate_times = bench_case(B, T, H, lens, with_fla, args.reps,
+                                                                                args.quick)
         rows.append((name, ours, fla, target, floor))
         sweeps.append((name, sweep))
         serving.append((name, ours, strided, checkpointed))
+        gates.append((name, ours, gate_times))
         print(f"  {name}: ours {ours:.3f} ms, FLA {fla if fla is None else round(fla, 3)} ms", flush=True)
 
     print("\n| case | ours ms | FLA ms | FLA/ours | target | pass | floor/ours |")
@@ -163,6 +172,27 @@ def main() -> None:
     for name, ours, strided, checkpointed in serving:
         print(f"| {name} | {ours:.3f} | {strided:.3f} | {strided / ours:.3f} | {checkpointed:.3f} | "
               f"{checkpointed / ours:.3f} |")
+
+    print(f"\nGates on the same rows (ms): the softplus gate (lower_bound=None) and lower_bound = -8 (the anchored "
+          f"chunk form) against lower_bound = -5 (target ≤ {SOFTPLUS_VS_BOUNDED}×), and FLA chunk_kda with the "
+          "softplus gate (safe_gate=False, lower_bound=None):\n")
+    print("| case | lb -5 | softplus | softplus/lb -5 | lb -8 | lb -8/lb -5 | FLA softplus | FLA/ours softplus | target |"
+          " pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|")
+    for name, ours, g in gates:
+        fla_sp = g["fla softplus"]
+        ratio = f"{fla_sp / g['softplus']:.2f}×" if fla_sp else "—"
+        wants = [f"softplus ≤ {SOFTPLUS_VS_BOUNDED}× lb -5"]
+        ok = g["softplus"] / ours <= SOFTPLUS_VS_BOUNDED
+        if name in SOFTPLUS_VS_FLA:
+            wants.append(f"≥ {SOFTPLUS_VS_FLA[name]}× FLA")
+            ok = ok and fla_sp is not None and fla_sp / g["softplus"] >= SOFTPLUS_VS_FLA[name]
+        if name == "T8192 H96 fixed":
+            wants.append(f"lb -8 ≤ {SOFTPLUS_VS_BOUNDED}× lb -5")
+            ok = ok and g["lb-8"] / ours <= SOFTPLUS_VS_BOUNDED
+        print(f"| {name} | {ours:.3f} | {g['softplus']:.3f} | {g['softplus'] / ours:.3f} | {g['lb-8']:.3f} | "
+              f"{g['lb-8'] / ours:.3f} | {f'{fla_sp:.3f}' if fla_sp else '—'} | {ratio} | {'; '.join(wants)} | "
+              f"{'pass' if ok else 'fail'} |")
 
     host = host_cost_us()
     print(f"\nhost cost per fwd call (T16 H1, 2000 calls, wall clock): {host:.1f} µs (target ≤ 15 µs)")

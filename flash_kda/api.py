@@ -19,7 +19,7 @@ from .jit.arch import ARCHS, arch_for_capability
 from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
                          POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
+from .jit.spec import FACTORISED_LOWER_BOUND, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
 
 # Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
 # max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
@@ -30,7 +30,7 @@ DECODE_GROUPED = -1  # ... and for its grouped build (2 CTAs per head)
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
-# (device, state_in, state_out, varlen, v_block or DECODE) -> (loaded kernel, CTAs per (sequence, head)).
+# (device, state_in, state_out, varlen, v_block or DECODE, gate kind) -> (loaded kernel, CTAs per (sequence, head)).
 # Plain-tuple keys: hashing a spec (a frozen dataclass) costs more than the whole lookup.
 _launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
 _local = threading.local()
@@ -79,15 +79,15 @@ def choose_v_block(units: int, device_index: int) -> int:
     return 128 if units >= t128 else 64 if units >= t64 else 32
 
 
-def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, arch: str) -> AnySpec:
-    key = (state_in, state_out, varlen, v_block, arch)
+def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, arch: str) -> AnySpec:
+    key = (state_in, state_out, varlen, v_block, gate, arch)
     spec = _specs.get(key)
     if spec is None:
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
-                                         grouped=v_block == DECODE_GROUPED)
+                                         grouped=v_block == DECODE_GROUPED, gate=gate)
                               if v_block in (DECODE, DECODE_GROUPED) else
                               KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
-                                         arch=arch))
+                                         arch=arch, gate=gate))
     return spec
 
 
@@ -113,12 +113,12 @@ def _stream_handle(device_index: int):
     return handle
 
 
-def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool,
-              v_block: int) -> tuple[LoadedKernel, int]:
+def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool, v_block: int,
+              gate: str) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
-    spec = _spec(state_in, state_out, varlen, v_block, device_arch(device_index))
+    spec = _spec(state_in, state_out, varlen, v_block, gate, device_arch(device_index))
     launcher = (get_kernel(spec, device_index), spec.splits)
-    _launchers[(device_index, state_in, state_out, varlen, v_block)] = launcher
+    _launchers[(device_index, state_in, state_out, varlen, v_block, gate)] = launcher
     return launcher
 
 
@@ -158,7 +158,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     ``check_cu_seqlens`` / ``check_indices`` (or FLASH_KDA_CHECK_CU_SEQLENS / FLASH_KDA_CHECK_INDICES
     at import) validate the values those tensors hold, at the cost of a host sync; otherwise
     the kernels clamp or skip and never access memory out of bounds. ``v_block`` overrides the
-    V-slice width of the chunked kernel (a tuning knob: 32, 64 or 128); ``workspace`` is accepted
+    V-slice width of the chunked kernel (a tuning knob: 32, 64 or 128; the softplus gate and
+    lower_bound < -5 run 128 as 64); ``workspace`` is accepted
     for callers that preallocate (``workspace_size`` is 0). Under ``torch.compile`` the call goes
     through the ``flash_kda::fwd`` custom op.
 
@@ -222,9 +223,19 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
-    launcher = _launchers.get((index, state_in, state_out, varlen, v_block))
+    # the gate kind (jit/spec.py GATES): the decode kernel's bounded build takes every lower_bound, and the
+    # anchored chunk form runs slices of at most 64 value rows (spec.ANCHORED_V_BLOCKS)
+    if lower_bound is None:
+        gate, lower_bound = "softplus", 0.0
+    elif lower_bound >= FACTORISED_LOWER_BOUND or v_block == DECODE or v_block == DECODE_GROUPED:
+        gate = "bounded"
+    else:
+        gate = "bounded_wide"
+    if v_block == 128 and gate != "bounded":
+        v_block = 64
+    launcher = _launchers.get((index, state_in, state_out, varlen, v_block, gate))
     if launcher is None:
-        launcher = _launcher(index, state_in, state_out, varlen, v_block)
+        launcher = _launcher(index, state_in, state_out, varlen, v_block, gate)
     kernel, splits = launcher
     if ctas_per_head:
         splits = ctas_per_head

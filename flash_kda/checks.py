@@ -21,7 +21,9 @@ from .jit.params import FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEATURE_PER_TO
 from .jit.spec import HEAD_DIM, V_BLOCKS
 
 FWD = "flash_kda.fwd"  # the entry point errors name by default (flash_kda.kda passes its own)
-LOWER_BOUND_RANGE = (-5.0, 0.0)
+# lower_bound: None (the softplus gate) or a bounded gate's bound in this range: any value a float32 log2
+# decay can carry (the kernels scale it by log2(e) and sum 16 tokens of it in float32).
+LOWER_BOUND_RANGE = (-1e30, 0.0)
 FLOAT32_MAX = 3.4028234663852886e38  # scale is passed to the kernel as a float32
 _STATE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 _BF16, _FP32, _INT32, _INT64, _BOOL = torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.bool
@@ -123,11 +125,10 @@ def check_scale(scale, where: str = FWD) -> float:
     return value
 
 
-def check_lower_bound(lower_bound, where: str = FWD) -> float:
+def check_lower_bound(lower_bound, where: str = FWD) -> float | None:
+    """None (the softplus gate) or a real number in LOWER_BOUND_RANGE (NumPy scalars accepted), as a float."""
     if lower_bound is None:
-        raise NotImplementedError(
-            f"{where}: lower_bound=None selects the softplus gate, which this version does not implement "
-            f"yet; pass a bounded-gate lower_bound in [{LOWER_BOUND_RANGE[0]}, {LOWER_BOUND_RANGE[1]}]")
+        return None
     if isinstance(lower_bound, bool) or not isinstance(lower_bound, numbers.Real):
         _fail(TypeError, "lower_bound", "a real number (float) or None", f"{type(lower_bound).__name__} "
               f"{lower_bound!r}"[:80], where)
@@ -136,10 +137,8 @@ def check_lower_bound(lower_bound, where: str = FWD) -> float:
     except OverflowError:
         lb = -math.inf
     if not (LOWER_BOUND_RANGE[0] <= lb <= LOWER_BOUND_RANGE[1]):
-        raise ValueError(
-            f"{where}: lower_bound must lie in [{LOWER_BOUND_RANGE[0]}, {LOWER_BOUND_RANGE[1]}], got "
-            f"{lower_bound!r:.40}: the chunked kernel factorises the decay as e^(+G) e^(-G) over 16-token chunks, "
-            "and |G| <= 16*5 = 80 nats is what stays a normal number in fp32/bf16")
+        _fail(ValueError, "lower_bound", f"None (the softplus gate) or a bounded gate's bound in "
+              f"[{LOWER_BOUND_RANGE[0]:g}, {LOWER_BOUND_RANGE[1]:g}] (finite, at most 0)", f"{lower_bound!r}"[:80], where)
     return lb
 
 
@@ -378,7 +377,7 @@ def fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initia
                 and beta.get_device() == dev and out.get_device() == dev
                 and out.is_contiguous()
                 and type(scale) is float and -FLOAT32_MAX <= scale <= FLOAT32_MAX
-                and type(lower_bound) is float and _LB_LO <= lower_bound <= _LB_HI):
+                and (lower_bound is None or type(lower_bound) is float and _LB_LO <= lower_bound <= _LB_HI)):
             return None
         features = 0
         if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and g.is_contiguous()

@@ -55,7 +55,7 @@ def fla_chunk_kda(q, k, v, g, beta, scale, A_log, dt_bias, lower_bound, initial_
         with torch.inference_mode():
             return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-                             use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, safe_gate=True,
+                             use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None,
                              lower_bound=lower_bound, state_v_first=True, cu_seqlens=cu_seqlens,
                              A_log=A_log, dt_bias=dt_bias)
     finally:

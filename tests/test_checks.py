@@ -62,15 +62,18 @@ def test_non_contiguous_out_is_rejected():
         call(out=out)
 
 
-@pytest.mark.parametrize("lb", [-5.01, 0.5, -100.0])
-def test_lower_bound_out_of_range_explains_why(lb):
-    with pytest.raises(ValueError, match=r"lower_bound must lie in \[-5.0, 0.0\].*80 nats"):
+@pytest.mark.parametrize("lb", [0.5, float("nan"), float("-inf"), -1e31, 1e-30])
+def test_lower_bound_out_of_range_is_named(lb):
+    with pytest.raises(ValueError, match=r"lower_bound must be None \(the softplus gate\) or .*at most 0.*got"):
         call(lower_bound=lb)
 
 
-def test_softplus_gate_is_reported_as_not_implemented():
-    with pytest.raises(NotImplementedError, match="softplus"):
-        call(lower_bound=None)
+@pytest.mark.parametrize("lb, gate", [(None, "softplus"), (0.0, "bounded"), (-5.0, "bounded"),
+                                      (-5.0001, "bounded_wide"), (-1e4, "bounded_wide"), (-1e30, "bounded_wide")])
+def test_every_gate_is_accepted_and_picks_its_kind(lb, gate):
+    from flash_kda.jit.spec import gate_kind
+    assert checks.check_lower_bound(lb) == lb
+    assert gate_kind(lb) == gate
 
 
 def test_cu_seqlens_value_check():

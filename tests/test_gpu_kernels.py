@@ -189,7 +189,7 @@ def test_bad_input_raises_before_writing():
     inp = make_inputs(1, 16, 2, seed=38)
     out = torch.full_like(inp["v"], 7.0)
     with pytest.raises(ValueError, match="lower_bound"):
-        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.1, out, None, None, -6.0)
+        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.1, out, None, None, 0.5)
     with pytest.raises(TypeError, match="beta"):
         flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"].float(), 0.1, out, None, None, -5.0)
     assert (out == 7.0).all()

@@ -129,10 +129,10 @@ def _bad_cases():
     yield dict(lower_bound="-5"), TypeError, r"lower_bound must be a real number \(float\) or None, got str"
     yield dict(lower_bound=[-5.0]), TypeError, r"lower_bound must be a real number \(float\) or None, got list"
     yield dict(lower_bound=-5 + 0j), TypeError, r"lower_bound must be a real number \(float\) or None, got complex"
-    yield dict(lower_bound=-10 ** 400), ValueError, r"lower_bound must lie in \[-5.0, 0.0\]"
-    yield dict(lower_bound=0.5), ValueError, r"lower_bound must lie in \[-5.0, 0.0\]"
-    yield dict(lower_bound=float("nan")), ValueError, r"lower_bound must lie in"
-    yield dict(lower_bound=None), NotImplementedError, "softplus"
+    in_range = r"lower_bound must be None \(the softplus gate\) or a bounded gate's bound in \[-1e\+30, 0\]"
+    yield dict(lower_bound=-10 ** 400), ValueError, in_range
+    yield dict(lower_bound=0.5), ValueError, in_range
+    yield dict(lower_bound=float("nan")), ValueError, in_range
     yield (dict(initial_state=torch.zeros(1, 2, 128, 128, dtype=torch.float16)), TypeError,
            r"initial_state must be bfloat16 or float32")
     yield dict(final_state=torch.zeros(2, 2, 128, 128)), ValueError, r"final_state must be of shape \[1, 2, 128, 128\]"
@@ -208,6 +208,25 @@ def test_varlen_packs_offsets_and_their_width(device, dtype, flag):
     assert (p["total_tokens"], p["num_seqs"]) == (16, 2)
     assert (spec.state_in, spec.state_out, spec.varlen, spec.v_block) == ("fp32", "fp32", True, 64)
     assert blocks == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("lb,T,v_block,gate,packed", [
+    (None, 16, 128, "softplus", 0.0), (None, 16, 32, "softplus", 0.0), (None, 1, None, "softplus", 0.0),
+    (-5.0, 16, 128, "bounded", -5.0), (-8.0, 16, 128, "bounded_wide", -8.0), (-8.0, 16, 32, "bounded_wide", -8.0),
+    (-1e4, 1, None, "bounded", -1e4), (-1e4, 4, None, "bounded", -1e4)])
+def test_the_gate_picks_its_kernel(device, lb, T, v_block, gate, packed):
+    """lower_bound selects the gate kind (spec.gate_kind); the decode kernel's bounded build serves every
+    bound; the anchored chunk form runs at most 64-wide slices; softplus packs a 0 bound (unused)."""
+    args = inputs(T=T)
+    args["lower_bound"] = lb
+    flash_kda.fwd(**args, v_block=v_block)
+    (spec, _, _, _), = device[1]
+    p = launch_params(device[1][0])
+    assert spec.gate == gate and p["lower_bound"] == pytest.approx(packed)
+    if T == 16:
+        assert spec.v_block == (64 if v_block == 128 and gate != "bounded" else v_block)
+    else:
+        assert spec.kind == "decode"
 
 
 @pytest.mark.parametrize("units,v_block", [(1, 32), (33, 32), (34, 64), (461, 64), (462, 128), (600, 128)])
@@ -332,8 +351,8 @@ def test_errors_from_kda_name_kda(device):
         flash_kda.kda(args["q"], args["k"].float(), args["v"], args["g"], args["beta"], lower_bound=-5.0)
     with pytest.raises(TypeError, match=r"^flash_kda\.kda: q must be a torch.Tensor, got ndarray"):
         flash_kda.kda(args["q"].float().numpy(), args["k"], args["v"], args["g"], args["beta"])
-    with pytest.raises(ValueError, match=r"^flash_kda\.kda: lower_bound must lie in"):
-        flash_kda.kda(args["q"], args["k"], args["v"], args["g"], args["beta"], lower_bound=-7.0)
+    with pytest.raises(ValueError, match=r"^flash_kda\.kda: lower_bound must be None \(the softplus gate\) or"):
+        flash_kda.kda(args["q"], args["k"], args["v"], args["g"], args["beta"], lower_bound=0.5)
     with pytest.raises(TypeError, match=r"^flash_kda\.kda: v_block must be None or an int"):
         flash_kda.kda(args["q"], args["k"], args["v"], args["g"], args["beta"], v_block=32.0)
     assert device[1] == []

@@ -21,13 +21,35 @@ from .arch import DEFAULT_TARGETS, check_target
 STATE_DTYPES = ("none", "bf16", "fp32")
 _STATE_CODE = {"none": 0, "bf16": 1, "fp32": 2}  # kStateNone / kStateBF16 / kStateFP32
 # Gate kinds: the C++ type of each (templates/kda_gate.cuh), the one place a new kind is named.
-GATES = {"bounded": "flash_kda::BoundedGate"}
+#   bounded:      lower_bound in [FACTORISED_LOWER_BOUND, 0]; the chunked kernel factorises e^{+-G};
+#   bounded_wide: any finite lower_bound below that; the anchored chunk form (docs/algorithm.md);
+#   softplus:     lower_bound=None, Kimi Linear's gate; the anchored chunk form.
+GATES = {"bounded": "flash_kda::BoundedGate", "bounded_wide": "flash_kda::WideBoundedGate",
+         "softplus": "flash_kda::SoftplusGate"}
+FACTORISED_LOWER_BOUND = -5.0  # 16 tokens decay by at most 80 nats: e^{+-G} stays a normal fp32
+# The decode kernel has no chunk form: its "bounded" build serves every lower_bound.
+DECODE_GATES = ("bounded", "softplus")
 V_BLOCKS = (32, 64, 128)
+# The anchored form's producer warps need more registers than a 128-wide CTA (384 threads, 168
+# registers a thread) leaves them, so those gates run 32- and 64-wide slices.
+ANCHORED_V_BLOCKS = (32, 64)
 HEAD_DIM = 128
 PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
 DECODE_THREADS = 128
 DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
 KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
+
+
+def gate_kind(lower_bound: float | None) -> str:
+    """The chunked kernel's gate kind for a (checked) lower_bound; None is the softplus gate."""
+    if lower_bound is None:
+        return "softplus"
+    return "bounded" if lower_bound >= FACTORISED_LOWER_BOUND else "bounded_wide"
+
+
+def v_blocks_for(gate: str) -> tuple[int, ...]:
+    """The chunked kernel's V-slice widths for a gate kind."""
+    return V_BLOCKS if gate == "bounded" else ANCHORED_V_BLOCKS
 
 
 def _cpp_bool(value: bool) -> str:
@@ -107,8 +129,9 @@ class KernelSpec(_SpecBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if type(self.v_block) is not int or self.v_block not in V_BLOCKS:
-            raise ValueError(f"v_block must be one of {V_BLOCKS} (an int), got {self.v_block!r}")
+        if type(self.v_block) is not int or self.v_block not in v_blocks_for(self.gate):
+            raise ValueError(f"v_block must be one of {v_blocks_for(self.gate)} (an int) for the {self.gate} gate, "
+                             f"got {self.v_block!r}")
 
     @property
     def name(self) -> str:
@@ -154,6 +177,12 @@ class DecodeSpec(_SpecBase):
     template: ClassVar[str] = "kda_decode.cuh"
     threads: ClassVar[int] = DECODE_THREADS
     cluster: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gate not in DECODE_GATES:
+            raise ValueError(f"the decode kernel's gate must be one of {DECODE_GATES} (its bounded build serves every "
+                             f"lower_bound), got {self.gate!r}")
 
     @property
     def min_blocks_per_sm(self) -> int:  # type: ignore[override]
@@ -204,7 +233,8 @@ def template_sources() -> dict[str, str]:
 def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[AnySpec]:
     """Every specialisation the library may launch, for the given archs."""
     for arch, s_in, s_out, varlen in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True)):
-        for vb in V_BLOCKS:
-            yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch)
-        for grouped in (False, True):
-            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, grouped=grouped)
+        for gate in GATES:
+            for vb in v_blocks_for(gate):
+                yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch, gate=gate)
+        for gate, grouped in itertools.product(DECODE_GATES, (False, True)):
+            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, grouped=grouped, gate=gate)

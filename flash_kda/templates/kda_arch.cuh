@@ -108,11 +108,18 @@ __device__ __forceinline__ float4 unpack_bf16x4(uint2 packed) {  // four consecu
   return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
-// 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Arguments
-// here stay in [-126, 126], so flushing subnormal results to zero changes nothing.
+// 2^x in one MUFU.EX2 (the libdevice exp2 adds range fix-ups: ~5 extra instructions). Subnormal
+// results flush to zero, and any argument below -126 (the general gates' decays) gives 0: terms that
+// small are below fp32's resolution of everything they are added to (docs/algorithm.md).
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float lg2(float x) {  // log2(x), lg2.approx: absolute error ~2^-22 near 1
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
@@ -124,6 +131,29 @@ __device__ __forceinline__ float fast_exp(float x) {  // e^x
 
 __device__ __forceinline__ float sigmoid(float x) {
   return __fdividef(1.0f, 1.0f + fast_exp(-x));  // 0 when e^-x overflows: the right limit
+}
+
+// The warp sums of N per-lane partials (N = 2, 4, ..., 32) with N - 1 + (5 - log2 N) shuffles in place of
+// 5 N: each step sends the half of the values a lane gives away and keeps the other half (a
+// reduce-scatter), then plain butterflies finish. Lane L ends with the whole sum of value
+// (L >> (5 - log2 N)) & (N - 1), i.e. lanes (32 / N) m .. (32 / N) (m + 1) - 1 hold value m.
+template <int N>
+__device__ __forceinline__ float warp_reduce_scatter(float (&a)[N], int lane) {
+  static_assert(N >= 2 && N <= 32 && (N & (N - 1)) == 0, "N must be a power of two up to 32");
+  constexpr int kSteps = N == 2 ? 1 : N == 4 ? 2 : N == 8 ? 3 : N == 16 ? 4 : 5;  // log2 N
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int half = N >> (step + 1), offset = 16 >> step;
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      if (i < half) a[i] = (upper ? a[i + half] : a[i]) + __shfl_xor_sync(kFullMask, upper ? a[i] : a[i + half], offset);
+    }
+  }
+  float sum = a[0];
+#pragma unroll
+  for (int offset = 16 >> kSteps; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  return sum;
 }
 
 // Sum over the 32 lanes of a warp; every lane gets the total.

@@ -53,6 +53,13 @@ struct ProducerScratch {  // private to one producer warp
   float inv_norm_k[kChunk];
 };
 
+// The anchored form's near pairs (kda_chunk_anchored.cuh), private to one producer warp: L and M of the
+// pairs inside one quarter of the chunk, by row and by column within the quarter.
+struct NearPairs {
+  float l[kChunk][4];
+  float m[kChunk][4];
+};
+
 template <int VB>
 struct SharedStorage {
   using Cfg = Config<VB>;
@@ -62,6 +69,7 @@ struct SharedStorage {
   bf16 out[Cfg::kConsumerWarps][kChunk][kSmallPad];  // per consumer warp output staging
   uint64_t full[Cfg::kSlots];   // slot written (every CTA)
   uint64_t empty[Cfg::kSlots];  // slot consumed by every CTA (meaningful in the producing CTA)
+  NearPairs near[Cfg::kProducerWarps];  // last: the bounded kernel's layout is the same without it
 };
 
 }  // namespace flash_kda

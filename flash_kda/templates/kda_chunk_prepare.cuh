@@ -1,10 +1,13 @@
 // flash_kda: chunk preparation, the chunked kernel's producer warps (kda_fwd.cuh): load a 16-token chunk,
 // normalise q and k, evaluate the gate, and build the decayed operands Kd, Qd, Kr, the total decay Gamma,
 // T = (I + L)^-1 diag(beta) and M into a shared-memory slot of every CTA of the cluster
-// (docs/algorithm.md, section 2).
+// (docs/algorithm.md, section 2). Gates whose chunk decay fp32 can always factorise (Gate::kFactorised)
+// use e^{+G} e^{-G}; the others pick, per chunk, that form or the split or anchored one of
+// kda_chunk_anchored.cuh.
 #pragma once
 
 #include "kda_arch.cuh"
+#include "kda_chunk_anchored.cuh"
 #include "kda_chunk_layout.cuh"
 #include "kda_gate.cuh"
 #include "kda_params.cuh"
@@ -68,6 +71,64 @@ __device__ __forceinline__ void issue_chunk_load(const ChunkInputs& in, RawChunk
     }
   }
   cute::cp_async_fence();
+}
+
+// The factorised form's operands, from the cumulative log2 decays G[r][j] (|G| <= 80 nats: bounded gates
+// with lower_bound >= -5, or a chunk the other gates' vote found that small): Kd, Qd, Kr, Gamma into the
+// stage and Ki = k^ e^{-G} into raw.g_ki.
+template <int VB, int CV>
+__device__ __forceinline__ void build_factorised_operands(const float (&G)[kChunk][4], RawChunk<CV>& raw,
+                                                          const ProducerScratch& scr, Stage<VB>& st, int lane) {
+  const int c0 = lane * 4;
+  float gamma_total[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) gamma_total[j] = ex2(G[kChunk - 1][j]);
+  *reinterpret_cast<float4*>(&st.gamma[c0]) = make_float4(gamma_total[0], gamma_total[1], gamma_total[2],
+                                                          gamma_total[3]);
+#pragma unroll
+  for (int r = 0; r < kChunk; ++r) {
+    const uint2 kv = *reinterpret_cast<const uint2*>(&raw.k[r][c0]);
+    const uint2 qv = *reinterpret_cast<const uint2*>(&raw.q[r][c0]);
+    const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.x));
+    const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.y));
+    const float2 q01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.x));
+    const float2 q23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.y));
+    const float rk = scr.inv_norm_k[r], rq = scr.inv_norm_q[r];
+    const float kh[4] = {k01.x * rk, k01.y * rk, k23.x * rk, k23.y * rk};
+    const float qh[4] = {q01.x * rq, q01.y * rq, q23.x * rq, q23.y * rq};
+    float kd[4], qd[4], ki[4], kr[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float e = ex2(G[r][j]);
+      const float ei = ex2(-G[r][j]);
+      kd[j] = kh[j] * e;
+      qd[j] = qh[j] * e;
+      ki[j] = kh[j] * ei;
+      kr[j] = kh[j] * (ei * gamma_total[j]);  // e^{G_last - G}
+    }
+    *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
+    *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
+    *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
+    *reinterpret_cast<uint2*>(&raw.g_ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
+  }
+}
+
+// L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels) in the m16n8k16 accumulator layout.
+template <int VB, int CV>
+__device__ __forceinline__ void factorised_products(const Stage<VB>& st, const RawChunk<CV>& raw, int lane,
+                                                    float (&accL)[2][4], float (&accM)[2][4]) {
+  const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
+#pragma unroll
+  for (int ks = 0; ks < kHeadK / 16; ++ks) {
+    uint32_t kdf[4], qdf[4], kib[4];
+    ldsm_x4(&st.kd[al.row][ks * 16 + al.col], kdf[0], kdf[1], kdf[2], kdf[3]);
+    ldsm_x4(&st.qd[al.row][ks * 16 + al.col], qdf[0], qdf[1], qdf[2], qdf[3]);
+    ldsm_x4(&raw.g_ki[bl.row][ks * 16 + bl.col], kib[0], kib[1], kib[2], kib[3]);
+    mma16816(accL[0], kdf, kib[0], kib[1]);
+    mma16816(accL[1], kdf, kib[2], kib[3]);
+    mma16816(accM[0], qdf, kib[0], kib[1]);
+    mma16816(accM[1], qdf, kib[2], kib[3]);
+  }
 }
 
 // Producer warp `warp` of cluster rank `rank` prepares the chunks c with c % kCluster == rank and
@@ -135,7 +196,9 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       }
     }
 
-    // Gate pass: cumulative log2-decay G2 for 16 rows x 4 channels.
+    // Gate pass, 16 rows x 4 channels: the cumulative log2 decay G2 (factorised gates), or each token's
+    // gamma2 (other gates; rows past the sequence decay by nothing), turned below into G2 for the
+    // factorised and split forms or into the decays 2^gamma2 for the anchored one.
     float G[kChunk][4];
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -146,8 +209,31 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        acc[j] = r < valid ? gate.accumulate(acc[j], gr[j], j) : acc[j];
-        G[r][j] = acc[j];
+        if constexpr (Gate::kFactorised) {
+          acc[j] = r < valid ? gate.accumulate(acc[j], gr[j], j) : acc[j];
+          G[r][j] = acc[j];
+        } else {
+          G[r][j] = r < valid ? gate.accumulate(0.0f, gr[j], j) : 0.0f;
+        }
+      }
+    }
+    // The chunk form (kda_chunk_anchored.cuh): factorised gates always factorise; the others by a warp
+    // vote on how far each half of this chunk decays, and G becomes what the form reads.
+    ChunkForm form = kFactorisedForm;
+    if constexpr (!Gate::kFactorised) {
+      form = choose_chunk_form(G);
+      if (form == kAnchoredForm) {
+#pragma unroll
+        for (int r = 0; r < kChunk; ++r) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) G[r][j] = ex2(G[r][j]);  // the per-token decays
+        }
+      } else {
+#pragma unroll
+        for (int r = 1; r < kChunk; ++r) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) G[r][j] += G[r - 1][j];  // cumulative, as the factorised gates have it
+        }
       }
     }
 
@@ -163,36 +249,12 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     }
     __syncwarp();  // inverse norms visible, raw.g read by every lane (ki overwrites it)
 
-    float gamma_total[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) gamma_total[j] = ex2(acc[j]);
-    *reinterpret_cast<float4*>(&st.gamma[c0]) = make_float4(gamma_total[0], gamma_total[1], gamma_total[2],
-                                                            gamma_total[3]);
-#pragma unroll
-    for (int r = 0; r < kChunk; ++r) {
-      const uint2 kv = *reinterpret_cast<const uint2*>(&raw.k[r][c0]);
-      const uint2 qv = *reinterpret_cast<const uint2*>(&raw.q[r][c0]);
-      const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.x));
-      const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kv.y));
-      const float2 q01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.x));
-      const float2 q23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&qv.y));
-      const float rk = scr.inv_norm_k[r], rq = scr.inv_norm_q[r];
-      const float kh[4] = {k01.x * rk, k01.y * rk, k23.x * rk, k23.y * rk};
-      const float qh[4] = {q01.x * rq, q01.y * rq, q23.x * rq, q23.y * rq};
-      float kd[4], qd[4], ki[4], kr[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float e = ex2(G[r][j]);
-        const float ei = ex2(-G[r][j]);
-        kd[j] = kh[j] * e;
-        qd[j] = qh[j] * e;
-        ki[j] = kh[j] * ei;
-        kr[j] = kh[j] * (ei * gamma_total[j]);  // e^{G_last - G}
-      }
-      *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
-      *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
-      *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
-      *reinterpret_cast<uint2*>(&raw.g_ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
+    if (form == kFactorisedForm) {
+      build_factorised_operands<VB>(G, raw, scr, st, lane);
+    } else if (form == kSplitForm) {
+      build_split_operands<VB>(G, raw, scr, st, lane);
+    } else {
+      build_anchored_operands<VB>(G, raw, scr, sm.near[warp], st, lane);
     }
     // V: the cluster's slice j (columns j*VB ...) into the slot of its CTA of rank j (16-byte vectors).
     // A lane's columns are the same in every row it copies, so is its destination.
@@ -216,18 +278,13 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
 
     // L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels).
     const int gq = lane >> 2, tq = lane & 3;
-    const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
     float accL[2][4] = {}, accM[2][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < kHeadK / 16; ++ks) {
-      uint32_t kdf[4], qdf[4], kib[4];
-      ldsm_x4(&st.kd[al.row][ks * 16 + al.col], kdf[0], kdf[1], kdf[2], kdf[3]);
-      ldsm_x4(&st.qd[al.row][ks * 16 + al.col], qdf[0], qdf[1], qdf[2], qdf[3]);
-      ldsm_x4(&raw.g_ki[bl.row][ks * 16 + bl.col], kib[0], kib[1], kib[2], kib[3]);
-      mma16816(accL[0], kdf, kib[0], kib[1]);
-      mma16816(accL[1], kdf, kib[2], kib[3]);
-      mma16816(accM[0], qdf, kib[0], kib[1]);
-      mma16816(accM[1], qdf, kib[2], kib[3]);
+    if (form == kFactorisedForm) {
+      factorised_products(st, raw, lane, accL, accM);
+    } else if (form == kSplitForm) {
+      split_products(st, raw, lane, accL, accM);
+    } else {
+      anchored_products(raw, sm.near[warp], lane, accL, accM);
     }
     __syncwarp();  // raw (ki included) fully read
     // Prefetch this warp's next chunk while the rest of this one is finished.

@@ -4,7 +4,10 @@
 // A gate object is built once per (head, four key channels) and then accumulates gamma2 per token.
 // The kernels take the gate as a template parameter (spec.py GATES names the type per gate kind); a
 // gate kind provides: `Raw` and `static Raw load(p, h, c0)` (its parameters as stored), constructors
-// from (p, raw) and from (p, h, c0), and `float accumulate(float G2, float g, int j) const`.
+// from (p, raw) and from (p, h, c0), `float accumulate(float G2, float g, int j) const`, and
+// `kFactorised`: whether the chunked kernel may factorise a chunk's decay as e^{+G} e^{-G} (true only
+// where a 16-token chunk decays by at most 80 nats, i.e. lower_bound >= -5) or must use the anchored
+// form (kda_chunk_anchored.cuh) that holds for any finite gate. The decode kernel takes every kind.
 #pragma once
 
 #include "kda_params.cuh"
@@ -14,6 +17,7 @@ namespace flash_kda {
 // gamma = lb * sigmoid(a (g + d)) with a = e^{A_log}, d = dt_bias; in log2 units
 //   gamma2 = lb log2(e) / (1 + 2^(-log2(e) a (g + d))).
 struct BoundedGate {
+  static constexpr bool kFactorised = true;
   float a2;     // -log2(e) a
   float d2[4];  // -log2(e) a d, per channel
   float lb2;    // lb log2(e)
@@ -44,6 +48,37 @@ struct BoundedGate {
   __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
     const float s = __fdividef(1.0f, 1.0f + ex2(fmaf(a2, g, d2[j])));
     return fmaf(lb2, s, G2);
+  }
+};
+
+// The bounded gate with lower_bound < -5 (any finite value): the same math, the anchored chunk form.
+struct WideBoundedGate : BoundedGate {
+  static constexpr bool kFactorised = false;
+  using BoundedGate::BoundedGate;
+};
+
+// gamma = -a softplus(g + d) (Kimi Linear's gate, lower_bound=None), unbounded below; in log2 units,
+// with y = log2(e) (g + d):  gamma2 = -a (max(y, 0) + log2(1 + 2^-|y|)).
+// For y < -24, 2^-|y| vanishes next to 1 and gamma2 is 0: the true decay then differs from 1 by less
+// than a e^-16, which fp32 cannot hold either (docs/algorithm.md, "The general gate").
+struct SoftplusGate {
+  static constexpr bool kFactorised = false;
+  using Raw = BoundedGate::Raw;
+  float a;      // e^{A_log}
+  float d2[4];  // log2(e) d, per channel
+
+  __device__ __forceinline__ static Raw load(const KdaParams& p, int h, int c0) { return BoundedGate::load(p, h, c0); }
+
+  __device__ __forceinline__ SoftplusGate(const KdaParams& p, const Raw& raw) {
+    a = p.A_log != nullptr ? fast_exp(raw.a_log) : 1.0f;
+    d2[0] = kLog2e * raw.dt.x, d2[1] = kLog2e * raw.dt.y, d2[2] = kLog2e * raw.dt.z, d2[3] = kLog2e * raw.dt.w;
+  }
+
+  __device__ __forceinline__ SoftplusGate(const KdaParams& p, int h, int c0) : SoftplusGate(p, load(p, h, c0)) {}
+
+  __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
+    const float y = fmaf(kLog2e, g, d2[j]);
+    return fmaf(-a, fmaxf(y, 0.0f) + lg2(1.0f + ex2(-fabsf(y))), G2);
   }
 };
 
