@@ -21,33 +21,50 @@ def range_sums(gamma: torch.Tensor) -> torch.Tensor:
     return D
 
 
-def decayed_pairs(left: torch.Tensor, right: torch.Tensor, gamma: torch.Tensor, sub: int | None) -> torch.Tensor:
-    """P[h, i, j] = sum_c left_i[c] right_j[c] e^(G_i[c] - G_j[c]) for j <= i, 0 above the diagonal
-    (docs/algorithm.md, section 2), from the chunk's per-token log decays gamma [H, C, K].
+FORMS = ("factorised", "split", "anchored")  # the chunked kernel's forms (kda_chunk_anchored.cuh)
 
-    sub=None: the factorised form of the bounded-gate kernel, (left * e^G) (right * e^-G)^T, G = cumsum(gamma).
-    sub=s: anchored pairs (the general gate). Each pair goes through an anchor row a between them:
-    (left_i * e^(G_i - G_a)) . (right_j * e^(G_a - G_j)), with a = j inside a sub-chunk of s rows and a = the
-    last row of j's sub-chunk across sub-chunks. Every exponent is a range sum of gamma (<= 0)."""
-    if sub is None:
+
+def anchor_rows(C: int) -> torch.Tensor:
+    """The anchored form's anchor a for each pair (i, j) of a chunk, as the kernel has it: a = 7 for pairs
+    across the chunk's halves, the last row of j's quarter for pairs across the quarters of one half,
+    a = j inside a quarter."""
+    i, j = torch.arange(C)[:, None], torch.arange(C)[None, :]
+    across_quarters = torch.where(i // 4 != j // 4, (j // 4 + 1) * 4 - 1, j)
+    return torch.where(i // 8 != j // 8, 7, across_quarters).clamp(max=C - 1)
+
+
+def decayed_pairs(left: torch.Tensor, right: torch.Tensor, gamma: torch.Tensor, form: str) -> torch.Tensor:
+    """P[h, i, j] = sum_c left_i[c] right_j[c] e^(G_i[c] - G_j[c]) for j <= i, 0 above the diagonal
+    (docs/algorithm.md, section 2), from the chunk's per-token log decays gamma [H, C, K], by one of the
+    kernel's forms:
+    factorised: (left * e^G) (right * e^-G)^T, G = cumsum(gamma) (the bounded gate's kernel);
+    split: the same within each half of the chunk, from the half's start; pairs across the halves
+        anchored at row 7;
+    anchored: each pair through an anchor row a between them (anchor_rows),
+        (left_i * e^(G_i - G_a)) . (right_j * e^(G_a - G_j)), every exponent a range sum of gamma (<= 0)."""
+    if form == "factorised":
         G = gamma.cumsum(1)
         return torch.tril((left * G.exp()) @ (right * (-G).exp()).transpose(1, 2))
     C = gamma.shape[1]
     D = range_sums(gamma)
     rows = torch.arange(C)
     i, j = rows[:, None], rows[None, :]
-    anchor = torch.where(i // sub == j // sub, j, (j // sub + 1) * sub - 1).clamp(max=C - 1)  # [C, C]
+    anchor = anchor_rows(C) if form == "anchored" else torch.full((C, C), 7).clamp(max=C - 1)
     left_exp = D[:, i, anchor + 1]                                  # sum over a < t <= i   [H, C, C, K]
     right_exp = D[:, anchor, j + 1]                                 # sum over j < t <= a
-    left_part = left[:, :, None] * left_exp.exp()
-    right_part = right[:, None] * right_exp.exp()
-    return torch.tril((left_part * right_part).sum(-1))
+    pairs = ((left[:, :, None] * left_exp.exp()) * (right[:, None] * right_exp.exp())).sum(-1)
+    if form == "split":  # within a half: factorised from the half's first row
+        halves = [slice(0, min(8, C)), slice(8, C)]
+        for half in halves:
+            G = gamma[:, half].cumsum(1)
+            pairs[:, half, half] = (left[:, half] * G.exp()) @ (right[:, half] * (-G).exp()).transpose(1, 2)
+    return torch.tril(pairs)
 
 
 def chunked_kda(q, k, v, g, beta, scale, A_log, dt_bias, lower_bound, initial_state=None, cu_seqlens=None,
-                chunk=16, sub=None, dtype=torch.float64):
+                chunk=16, form="factorised", dtype=torch.float64):
     """docs/algorithm.md section 2: per chunk, U = (I + L)^-1 diag(beta) (V - Kd S^T), O = Qd S^T + M U,
-    in ``dtype``, with L and M by ``decayed_pairs(..., sub)``."""
+    in ``dtype``, with L and M by ``decayed_pairs(..., form)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     qn, kn, vv = l2_normalize(q).to(dtype), l2_normalize(k).to(dtype), v.to(dtype)
@@ -67,11 +84,11 @@ def chunked_kda(q, k, v, g, beta, scale, A_log, dt_bias, lower_bound, initial_st
             kd, qd = kc * G.exp(), scale * qc * G.exp()                # exponents <= 0 for any gate
             # decay from row r to the chunk end: a suffix sum (the bounded kernel's G_{C-1} - G_r is the
             # same number up to rounding, which its |G| <= 80 keeps small)
-            to_end = range_sums(gc)[:, -1, 1:] if sub is not None else G[:, -1:] - G
+            to_end = range_sums(gc)[:, -1, 1:] if form != "factorised" else G[:, -1:] - G
             kr = kc * to_end.exp()
             C = c1 - c0
-            Lmat = bc[:, :, None] * decayed_pairs(kc, kc, gc, sub).tril(-1)
-            M = decayed_pairs(scale * qc, kc, gc, sub)
+            Lmat = bc[:, :, None] * decayed_pairs(kc, kc, gc, form).tril(-1)
+            M = decayed_pairs(scale * qc, kc, gc, form)
             rhs = bc[:, :, None] * (vc - kd @ S.transpose(1, 2))
             U = torch.linalg.solve_triangular(torch.eye(C, dtype=dtype) + Lmat, rhs, upper=False,
                                               unitriangular=True)
@@ -166,26 +183,47 @@ def test_anchored_pairs_are_exact_for_every_gate(kind, a_log, lower_bound):
     h0 = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.25, inp["A_log"], inp["dt_bias"], lower_bound)
     out, state = kda_reference(*args, initial_state=h0)
-    out_a, state_a = chunked_kda(*args, initial_state=h0, sub=4)
+    out_a, state_a = chunked_kda(*args, initial_state=h0, form="anchored")
     torch.testing.assert_close(out_a, out, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(state_a, state, rtol=1e-9, atol=1e-10)
 
 
+def deepest_decay(gamma: torch.Tensor, rows: int) -> float:
+    """The most any run of `rows` tokens aligned like the kernel's chunks (or half chunks) decays one
+    channel, in nats, from per-token log decays gamma [T, H, K]."""
+    return max(float(-gamma[t:t + rows].sum(0).min()) for t in range(0, gamma.shape[0], rows))
+
+
 @pytest.mark.parametrize("kind,a_log,lower_bound", GENERAL_GATES)
-def test_anchored_pairs_in_float32_stay_finite_and_accurate(kind, a_log, lower_bound):
-    """The kernel's precision (fp32): the anchored form stays within 1e-6 of the float64 recurrence for
-    every gate (measured worst 1.2e-7). The bounded kernel's factorised form is as good while a chunk's
-    decay stays under 88 nats on every channel (e^{+G} fits in fp32), and not finite past that."""
+def test_chunk_forms_in_float32(kind, a_log, lower_bound):
+    """The kernel's precision (fp32). The anchored form stays within 1e-6 of the float64 recurrence for
+    every gate (measured worst 1.2e-7). The factorised form is as good while a chunk decays by less than
+    80 nats in every channel, and not finite past 100; the split form while each half of a chunk does:
+    the limits by which the kernel's producers pick the form (choose_chunk_form)."""
     inp = general_gate_inputs(kind, a_log)
     h0 = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.25, inp["A_log"], inp["dt_bias"], lower_bound)
     out, state = kda_reference(*args, initial_state=h0)
-    out_a, state_a = chunked_kda(*args, initial_state=h0, sub=4, dtype=torch.float32)
+    out_a, state_a = chunked_kda(*args, initial_state=h0, form="anchored", dtype=torch.float32)
     assert rel_rms(out_a, out) < 1e-6 and rel_rms(state_a, state) < 1e-6
     gamma = kda_gate(inp["g"], inp["A_log"], inp["dt_bias"], lower_bound)[0]   # [T, H, K]
-    deepest = max(float(-gamma[c0:c0 + 16].sum(0).min()) for c0 in range(0, gamma.shape[0], 16))
-    out_f, state_f = chunked_kda(*args, initial_state=h0, dtype=torch.float32)
-    if deepest < 80:
-        assert rel_rms(out_f, out) < 1e-6 and rel_rms(state_f, state) < 1e-6
-    elif deepest > 100:
-        assert not (torch.isfinite(out_f).all() and torch.isfinite(state_f).all())
+    for form, rows in (("factorised", 16), ("split", 8)):
+        out_f, state_f = chunked_kda(*args, initial_state=h0, form=form, dtype=torch.float32)
+        if deepest_decay(gamma, rows) < 80:
+            assert rel_rms(out_f, out) < 1e-6 and rel_rms(state_f, state) < 1e-6, form
+        elif deepest_decay(gamma, rows) > 100:
+            assert not (torch.isfinite(out_f).all() and torch.isfinite(state_f).all()), form
+
+
+def test_split_form_covers_steady_decays_the_factorised_form_cannot():
+    """About 7 nats per token: 112 per chunk (the factorised form overflows), 56 per half (the split form
+    holds), as the producers' vote assumes."""
+    inp = general_gate_inputs("normal", 0.0, T=48)
+    inp["g"] = torch.full_like(inp["g"], 7.0)   # softplus(7) ~ 7 nats per token
+    h0 = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.25, inp["A_log"], inp["dt_bias"], None)
+    out, state = kda_reference(*args, initial_state=h0)
+    out_s, state_s = chunked_kda(*args, initial_state=h0, form="split", dtype=torch.float32)
+    assert rel_rms(out_s, out) < 1e-6 and rel_rms(state_s, state) < 1e-6
+    out_f, _ = chunked_kda(*args, initial_state=h0, form="factorised", dtype=torch.float32)
+    assert not torch.isfinite(out_f).all()

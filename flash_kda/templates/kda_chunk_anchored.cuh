@@ -241,18 +241,16 @@ enum ChunkForm { kFactorisedForm, kSplitForm, kAnchoredForm };
 // log2 units.
 constexpr float kFactorLimit2 = -80.0f * kLog2e;
 
-// The cheapest exact form for a chunk, from its per-token log2 decays gamma2[r][j] (warp-uniform: one vote
-// over the warp's 128 channels): factorised when the whole chunk fits the limit, split when each half
-// does, else anchored.
-__device__ __forceinline__ ChunkForm choose_chunk_form(const float (&gamma2)[kChunk][4]) {
+// The cheapest exact form for a chunk, from its cumulative log2 decays G2 (warp-uniform: one vote over the
+// warp's 128 channels): factorised when the whole chunk fits the limit, split when each half does,
+// else anchored. (A G2 that overflowed to -inf, or a NaN difference of two, votes anchored.)
+__device__ __forceinline__ ChunkForm choose_chunk_form(const float (&G2)[kChunk][4]) {
   bool whole_fits = true, halves_fit = true;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    float first = 0.0f, second = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kChunk / 2; ++r) first += gamma2[r][j], second += gamma2[r + kChunk / 2][j];
-    whole_fits = whole_fits && first + second >= kFactorLimit2;
-    halves_fit = halves_fit && first >= kFactorLimit2 && second >= kFactorLimit2;
+    const float first = G2[kChunk / 2 - 1][j], whole = G2[kChunk - 1][j];
+    whole_fits = whole_fits && whole >= kFactorLimit2;
+    halves_fit = halves_fit && first >= kFactorLimit2 && whole - first >= kFactorLimit2;
   }
   if (__all_sync(kFullMask, whole_fits)) return kFactorisedForm;
   return __all_sync(kFullMask, halves_fit) ? kSplitForm : kAnchoredForm;

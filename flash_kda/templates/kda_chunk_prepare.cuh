@@ -196,43 +196,37 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
       }
     }
 
-    // Gate pass, 16 rows x 4 channels: the cumulative log2 decay G2 (factorised gates), or each token's
-    // gamma2 (other gates; rows past the sequence decay by nothing), turned below into G2 for the
-    // factorised and split forms or into the decays 2^gamma2 for the anchored one.
+    // Gate pass: the cumulative log2 decay G2 over 16 rows x 4 channels (rows past the sequence repeat
+    // the last one).
+    auto raw_gate = [&](int r, float (&gr)[4]) {
+      const float4 g = unpack_bf16x4(*reinterpret_cast<const uint2*>(&raw.g_ki[r][c0]));
+      gr[0] = g.x, gr[1] = g.y, gr[2] = g.z, gr[3] = g.w;
+    };
     float G[kChunk][4];
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      const uint2 gv = *reinterpret_cast<const uint2*>(&raw.g_ki[r][c0]);
-      const float2 g01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.x));
-      const float2 g23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&gv.y));
-      const float gr[4] = {g01.x, g01.y, g23.x, g23.y};
+      float gr[4];
+      raw_gate(r, gr);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if constexpr (Gate::kFactorised) {
-          acc[j] = r < valid ? gate.accumulate(acc[j], gr[j], j) : acc[j];
-          G[r][j] = acc[j];
-        } else {
-          G[r][j] = r < valid ? gate.accumulate(0.0f, gr[j], j) : 0.0f;
-        }
+        acc[j] = r < valid ? gate.accumulate(acc[j], gr[j], j) : acc[j];
+        G[r][j] = acc[j];
       }
     }
     // The chunk form (kda_chunk_anchored.cuh): factorised gates always factorise; the others by a warp
-    // vote on how far each half of this chunk decays, and G becomes what the form reads.
+    // vote on how far each half of this chunk decays. The anchored form reads each token's decay
+    // 2^gamma2, evaluated again from the raw gate (differences of G would cancel).
     ChunkForm form = kFactorisedForm;
     if constexpr (!Gate::kFactorised) {
       form = choose_chunk_form(G);
       if (form == kAnchoredForm) {
 #pragma unroll
         for (int r = 0; r < kChunk; ++r) {
+          float gr[4];
+          raw_gate(r, gr);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) G[r][j] = ex2(G[r][j]);  // the per-token decays
-        }
-      } else {
-#pragma unroll
-        for (int r = 1; r < kChunk; ++r) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) G[r][j] += G[r - 1][j];  // cumulative, as the factorised gates have it
+          for (int j = 0; j < 4; ++j) G[r][j] = r < valid ? ex2(gate.accumulate(0.0f, gr[j], j)) : 1.0f;
         }
       }
     }

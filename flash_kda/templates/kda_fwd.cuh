@@ -1,4 +1,4 @@
-// flash_kda: chunked Kimi Delta Attention forward for SM90 (bounded gate).
+// flash_kda: chunked Kimi Delta Attention forward for SM90 (every gate kind: kda_gate.cuh).
 //
 // A head's value axis is cut into kSplits slices of width VB; one CTA owns one (sequence,
 // head, V-slice), and consecutive pairs of a (sequence, head)'s slices form one thread-block
@@ -20,8 +20,9 @@
 //        S = S diag(Gamma) + U^T Kr,   out <- O.
 // Hand-off per slot through mbarriers: FULL in every CTA (32 producer-lane arrivals plus the
 // copied bytes) and EMPTY in the producing CTA (every consumer lane of the cluster arrives).
-// docs/algorithm.md derives the algebra; all exponents are e^{+-G} with |G| <= 80 nats because
-// lower_bound >= -5 and the chunk has 16 rows.
+// docs/algorithm.md derives the algebra. The bounded gate (lower_bound >= -5) factorises each chunk's
+// decay as e^{+-G} with |G| <= 80 nats; the other gates pick per chunk that form, or the split or
+// anchored one that hold for any gate (kda_chunk_anchored.cuh).
 //
 // The kernel is split by concern: kda_arch.cuh (architecture primitives), kda_params.cuh (the
 // parameter block, sequences, inputs and states), kda_gate.cuh (gate math), kda_chunk_layout.cuh

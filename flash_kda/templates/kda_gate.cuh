@@ -58,9 +58,9 @@ struct WideBoundedGate : BoundedGate {
 };
 
 // gamma = -a softplus(g + d) (Kimi Linear's gate, lower_bound=None), unbounded below; in log2 units,
-// with y = log2(e) (g + d):  gamma2 = -a (max(y, 0) + log2(1 + 2^-|y|)).
-// For y < -24, 2^-|y| vanishes next to 1 and gamma2 is 0: the true decay then differs from 1 by less
-// than a e^-16, which fp32 cannot hold either (docs/algorithm.md, "The general gate").
+// with y = log2(e) (g + d):  gamma2 = -a log2(1 + 2^y), which is -a y to fp32 precision once y > 25
+// (and 2^y cannot overflow below that). For y < -24, 2^y vanishes next to 1 and gamma2 is 0: the true
+// decay then differs from 1 by less than a e^-16, which fp32 cannot hold either (docs/algorithm.md).
 struct SoftplusGate {
   static constexpr bool kFactorised = false;
   using Raw = BoundedGate::Raw;
@@ -78,7 +78,8 @@ struct SoftplusGate {
 
   __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
     const float y = fmaf(kLog2e, g, d2[j]);
-    return fmaf(-a, fmaxf(y, 0.0f) + lg2(1.0f + ex2(-fabsf(y))), G2);
+    const float small = lg2(1.0f + ex2(fminf(y, 25.0f)));  // both sides evaluated: a select, not a branch
+    return fmaf(-a, y > 25.0f ? y : small, G2);
   }
 };
 
