@@ -1,6 +1,6 @@
 """Calls for compute-sanitizer (memcheck): every kernel family and width on hostile but unchecked inputs.
 
-Varlen with an empty and a length-1 sequence; pools addressed by negative, past-the-end and huge
+Varlen with an empty and a length-1 sequence; the general gates (every chunk form); pools addressed by negative, past-the-end and huge
 slots; 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
 past the sequence, not multiples of 16, or huge; strided inputs. None of it may touch memory out of
 bounds. Usage: compute-sanitizer --tool memcheck python tools/sanitize_case.py
@@ -21,6 +21,14 @@ for vb in (32, 64, 128):
     final = torch.empty(5, H, 128, 128, device="cuda", dtype=torch.bfloat16)
     flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb)
     flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=h0, cu_seqlens=cu.long(), v_block=vb)
+
+# the general gates: softplus with chunks of every form (factorised, split, anchored), and lower_bound -1e4
+mixed = dict(inp, g=torch.cat([torch.randn(1, 60, H, 128), torch.full((1, 50, H, 128), 7.0),
+                               torch.full((1, 55, H, 128), 60.0)], 1).to("cuda", torch.bfloat16))
+for lower_bound in (None, -1e4):
+    for vb, max_seqlen in ((32, None), (64, None), (None, 15)):
+        flash_kda.fwd(*args(mixed), torch.empty_like(inp["v"]), inp["A_log"], inp["dt_bias"], lower_bound,
+                      initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb, max_seqlen=max_seqlen)
 
 # pools: hostile 1-D slots, chunked and decode kernels, padded slot stride
 storage = torch.randn(6, H * 128 * 128 + 24, device="cuda")
