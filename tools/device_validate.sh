@@ -37,7 +37,9 @@ bench)
   ;;
 base)  # the previous commit (.dev/base) in the same call as a re-run of ours: prefill rows, decode table, host cost
   BASE="env PYTHONPATH=/tmp/site:$PWD/.dev/base:$PWD/tests:$PWD/benchmarks FLASH_KDA_CACHE_DIR=/tmp/fkcache-base"
-  $BASE timeout 120 python -m flash_kda precompile --jobs 16 > $OUT/precompile_base.log 2>&1; tail -1 $OUT/precompile_base.log
+  # python -m puts the working directory first on sys.path: run the base precompile from inside .dev/base
+  (cd .dev/base && $BASE timeout 120 python -m flash_kda precompile --jobs 16) > $OUT/precompile_base.log 2>&1
+  tail -1 $OUT/precompile_base.log
   FLASH_KDA_COMMIT=base $BASE timeout 150 python benchmarks/bench_fwd.py --quick --no-fla 2>&1 | tee $OUT/bench_fwd_base.md | tail -11
   timeout 150 python benchmarks/bench_fwd.py --quick --no-fla 2>&1 | tee $OUT/bench_fwd_rerun.md | tail -11
   FLASH_KDA_COMMIT=base $BASE timeout 100 python benchmarks/bench_decode.py --no-fla --no-softplus > $OUT/bench_decode_base.md 2>&1
