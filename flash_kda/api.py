@@ -19,7 +19,7 @@ from .jit.arch import ARCHS, arch_for_capability
 from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
                          POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import FACTORISED_LOWER_BOUND, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec
+from .jit.spec import ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind
 
 # Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
 # max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
@@ -223,16 +223,16 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
-    # the gate kind (jit/spec.py GATES): the decode kernel's bounded build takes every lower_bound, and the
-    # anchored chunk form runs slices of at most 64 value rows (spec.ANCHORED_V_BLOCKS)
+    # the gate kind: the decode kernel's bounded build takes every lower_bound, and the general gates'
+    # chunk forms run slices of at most ANCHORED_V_BLOCKS[-1] value rows
+    gate = gate_kind(lower_bound)
+    if v_block == DECODE or v_block == DECODE_GROUPED:
+        if gate == "bounded_wide":
+            gate = "bounded"
+    elif gate != "bounded" and v_block > ANCHORED_V_BLOCKS[-1]:
+        v_block = ANCHORED_V_BLOCKS[-1]
     if lower_bound is None:
-        gate, lower_bound = "softplus", 0.0
-    elif lower_bound >= FACTORISED_LOWER_BOUND or v_block == DECODE or v_block == DECODE_GROUPED:
-        gate = "bounded"
-    else:
-        gate = "bounded_wide"
-    if v_block == 128 and gate != "bounded":
-        v_block = 64
+        lower_bound = 0.0  # packed; the softplus gate does not read it
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block, gate))
     if launcher is None:
         launcher = _launcher(index, state_in, state_out, varlen, v_block, gate)

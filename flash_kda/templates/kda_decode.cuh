@@ -10,7 +10,7 @@
 // the per-token work of a warp is shared by more rows (api._decode_ctas_per_head).
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
-//   sk = s . k^,  sq = scale s . q^    (one reduce-scatter over the warp for all rows: reduce_scatter8)
+//   sk = s . k^,  sq = scale s . q^    (one reduce-scatter over the warp for all rows: warp_reduce_scatter)
 //   u  = beta (v_row - sk),   S_row = s + u k^,   o_row = sq + u (scale k^ . q^).
 // Every warp recomputes the token's norms and gate for its own channels (L2-resident inputs,
 // far fewer bytes than the state it streams).
@@ -87,21 +87,6 @@ __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const Tok
   return t;
 }
 
-// The warp sums of 8 per-lane partials, with 9 shuffles in place of 8 butterflies' 40: each step sends the
-// half of the values a lane gives away and keeps the other half (a reduce-scatter). Lane L ends with the
-// whole sum of value 4 * bit4(L) + 2 * bit3(L) + bit2(L), i.e. of value (L >> 2) & 7 in lanes 4j .. 4j+3.
-__device__ __forceinline__ float reduce_scatter8(const float (&a)[8], int lane) {
-  const bool hi16 = lane & 16, hi8 = lane & 8, hi4 = lane & 4;
-  float b[4], c[2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) b[i] = (hi16 ? a[i + 4] : a[i]) + __shfl_xor_sync(kFullMask, hi16 ? a[i] : a[i + 4], 16);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) c[i] = (hi8 ? b[i + 2] : b[i]) + __shfl_xor_sync(kFullMask, hi8 ? b[i] : b[i + 2], 8);
-  float d = (hi4 ? c[1] : c[0]) + __shfl_xor_sync(kFullMask, hi4 ? c[0] : c[1], 4);
-  d += __shfl_xor_sync(kFullMask, d, 2);
-  return d + __shfl_xor_sync(kFullMask, d, 1);
-}
-
 // The lanes that write a token's outputs (see apply_token), and the row each writes.
 __device__ __forceinline__ bool writes_output(int lane) { return (lane & 19) == 16; }  // lanes 16, 20, 24, 28
 __device__ __forceinline__ int output_row(int lane) { return (lane >> 2) & 3; }
@@ -124,7 +109,9 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
       partial[R + r] = fmaf(S[r][j], t.q_norm[j], partial[R + r]);
     }
   }
-  const float sum = reduce_scatter8(partial, lane);  // sk of row (lane >> 2) & 3 in lanes 0-15, sq in 16-31
+  // 9 shuffles in place of 8 butterflies' 40 (kda_arch.cuh): lane L ends with value (L >> 2) & 7, i.e.
+  // sk of row (lane >> 2) & 3 in lanes 0-15, sq in 16-31
+  const float sum = warp_reduce_scatter(partial, lane);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const float update = t.beta * (v[r] - __shfl_sync(kFullMask, sum, 4 * r));
