@@ -10,7 +10,7 @@ move (each addressed state read once and written once, or written once per token
 stores every token's state) over the device-to-device copy bandwidth measured here.
 Usage: python benchmarks/bench_decode.py [--no-fla] [--no-softplus] [--sweep]
 --no-softplus: skip the softplus-gate rows (for commits before the softplus gate).
---sweep: also time a one-token step with every CTAs-per-head choice (the rule in
+--sweep: also time one-token steps and verify with every CTAs-per-head choice (the rule in
 flash_kda.api._decode_ctas_per_head picks one of them; this checks it)."""
 from __future__ import annotations
 
@@ -175,23 +175,29 @@ def softplus_rows(bandwidth: float) -> None:
 
 
 def sweep(bandwidth: float) -> None:
-    """A one-token step with 1, 2, 4 and 8 CTAs per head, against the rule's pick."""
+    """One-token steps and verify with 2, 4 and 8 CTAs per head, against the rule's pick."""
     from flash_kda import api
     rule = api._decode_ctas_per_head
-    choices = (1, 2, 4, 8)
-    print("\none-token step, ms by CTAs per (sequence, head); * = the rule's pick\n")
-    print("| N | pool | " + " | ".join(str(c) for c in choices) + " | floor ms | pick/best |")
-    print("|---:|---|" + "---:|" * (len(choices) + 2))
+    choices = (2, 4, 8)
+    cases = [("decode", N, 1) for N in (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)]
+    cases += [("verify", N, T) for N, T in ((1, 4), (4, 4), (8, 4), (16, 4), (64, 2), (64, 4), (64, 8), (256, 4))]
+    print("\nms by CTAs per (sequence, head); * = the rule's pick\n")
+    print("| step | N | T | pool | " + " | ".join(str(c) for c in choices) + " | floor ms | pick/best |")
+    print("|---|---:|---:|---|" + "---:|" * (len(choices) + 2))
     try:
         for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for N in (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024):
-                picked, times, floor = rule(label, label, N * H, api._decode_one_wave_units(0)), [], 0.0
+            for step, N, T in cases:
+                picked = rule(label, label, N * H, api._decode_one_wave_units(0), step == "decode")
+                times, floor = [], 0.0
                 for ctas in choices:
                     api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
-                    ours, _, floor = decode_case(N, dtype, None, bandwidth)
+                    if step == "decode":
+                        ours, _, floor = decode_case(N, dtype, None, bandwidth)
+                    else:
+                        ours, _, floor = verify_case(N, T, dtype, None, bandwidth)
                     times.append(ours)
                 cells = [f"{t:.4f}{'*' if c == picked else ''}" for c, t in zip(choices, times)]
-                print(f"| {N} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
+                print(f"| {step} | {N} | {T} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
                       f"{times[choices.index(picked)] / min(times):.3f} |")
     finally:
         api._decode_ctas_per_head = rule

@@ -26,7 +26,12 @@ from .jit.spec import ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec
 # of 16 tokens) runs the chunked kernel when run alone: checkpoints are bitwise equal to it.
 DECODE_MAX_TOKENS = 15
 DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel (8 CTAs per head) ...
-DECODE_GROUPED = -1  # ... and for its grouped build (2 CTAs per head)
+DECODE_GROUPED = -1  # ... for its grouped build (2 or 4 CTAs per head) ...
+DECODE_GROUPED_ONE_TOKEN = -2  # ... and for that build on one-token steps, at DECODE_ONE_TOKEN_CTAS_PER_SM
+# The grouped build fits 6 CTAs an SM (its register bound). Verify reuses each row for every token and
+# runs best with all 6; one-token steps move each row once and run best with 5 (H100, bench_decode.py,
+# benchmarks/NOTES.md "Serving path, round 5"): the same binary, launched with unused shared memory.
+DECODE_ONE_TOKEN_CTAS_PER_SM = 5
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
@@ -56,13 +61,15 @@ def _decode_one_wave_units(device_index: int) -> int:
     return spec.min_blocks_per_sm * _sm_count(device_index) // spec.splits
 
 
-def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: int) -> int:
-    """CTAs per (sequence, head) for a one-token step: 8 (one group of 4 value rows per warp) or 2
-    (four groups per warp, which share the token's norms and gate). fp32 states are bound by their
-    bytes and run best with the most CTAs; bf16 rows move half the bytes for the same per-token work,
-    so sharing it wins once the batch fills the GPU. Measured over N = 8 to 1024 (bench_decode.py
-    --sweep, benchmarks/NOTES.md): within 3% of the best choice everywhere."""
-    if (state_in == "fp32" and state_out == "fp32") or units <= one_wave_units:
+def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: int, one_token: bool) -> int:
+    """CTAs per (sequence, head) of the token-by-token kernel: 8 (one group of 4 value rows per warp,
+    in registers) or 2 (four groups per warp in shared memory, which share each token's norms and
+    gate). Small batches run 8, for the most CTAs. Beyond one wave, multi-token steps (verify) run 2:
+    each token's preparation is then shared by 16 rows instead of 4. One-token steps of fp32 states
+    are bound by their bytes and run best with the most CTAs; bf16 rows move half the bytes for the
+    same per-token work, so sharing it wins. Measured over N = 1 to 1024 (bench_decode.py --sweep,
+    benchmarks/NOTES.md)."""
+    if units <= one_wave_units or (one_token and state_in == "fp32" and state_out == "fp32"):
         return 8
     return 2
 
@@ -84,8 +91,8 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, 
     spec = _specs.get(key)
     if spec is None:
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
-                                         grouped=v_block == DECODE_GROUPED, gate=gate)
-                              if v_block in (DECODE, DECODE_GROUPED) else
+                                         grouped=v_block != DECODE, gate=gate)
+                              if v_block in (DECODE, DECODE_GROUPED, DECODE_GROUPED_ONE_TOKEN) else
                               KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
                                          arch=arch, gate=gate))
     return spec
@@ -117,7 +124,10 @@ def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool, v_
               gate: str) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
     spec = _spec(state_in, state_out, varlen, v_block, gate, device_arch(device_index))
-    launcher = (get_kernel(spec, device_index), spec.splits)
+    kernel = get_kernel(spec, device_index)
+    if v_block == DECODE_GROUPED_ONE_TOKEN:
+        kernel = kernel.capped(DECODE_ONE_TOKEN_CTAS_PER_SM)
+    launcher = (kernel, spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block, gate)] = launcher
     return launcher
 
@@ -215,18 +225,16 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     short = max_seqlen is not None and max_seqlen <= DECODE_MAX_TOKENS if varlen else T <= DECODE_MAX_TOKENS
     ctas_per_head = 0
     if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
-        v_block = DECODE
-        if (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN:
-            ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index))
-            if ctas_per_head < 8:
-                v_block = DECODE_GROUPED
+        one_token = (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN
+        ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index), one_token)
+        v_block = DECODE if ctas_per_head == 8 else DECODE_GROUPED_ONE_TOKEN if one_token else DECODE_GROUPED
     elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
     # the gate kind: the decode kernel's bounded build takes every lower_bound, and the general gates'
     # chunk forms run slices of at most ANCHORED_V_BLOCKS[-1] value rows
     gate = gate_kind(lower_bound)
-    if v_block == DECODE or v_block == DECODE_GROUPED:
+    if v_block <= DECODE:
         if gate == "bounded_wide":
             gate = "bounded"
     elif gate != "bounded" and v_block > ANCHORED_V_BLOCKS[-1]:

@@ -133,11 +133,13 @@ def test_pools_with_every_gate(gate, case):
     serving.test_pools_with_padded_slots_and_mixed_initial_states(*case)
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("state_in,state_out,varlen", serving.DECODE_GRID)
 def test_decode_specialisations_with_every_gate(gate, state_in, state_out, varlen):
     serving.test_every_decode_specialisation(state_in, state_out, varlen)
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_verify_with_every_gate(gate, dtype):
     serving.test_per_token_states_with_accepted_tokens(dtype, True)

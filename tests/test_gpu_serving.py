@@ -60,6 +60,7 @@ POOL_CASES = [case for case in itertools.product(
 ) if not (case[2] and case[0] != case[1])]
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("dtype_in,dtype_out,inplace,lens", POOL_CASES)
 def test_pools_with_padded_slots_and_mixed_initial_states(dtype_in, dtype_out, inplace, lens):
     i = POOL_CASES.index((dtype_in, dtype_out, inplace, lens))
@@ -90,6 +91,7 @@ def test_pools_with_padded_slots_and_mixed_initial_states(dtype_in, dtype_out, i
         assert torch.equal(storage_in, before_in)                                # the input pool is only read
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("lens", [[20, 33, 17, 40], [1, 1, 1, 1]], ids=["chunked", "decode"])
 def test_invalid_slots_skip_their_sequence(lens):
     H, slots = 2, 6
@@ -112,6 +114,7 @@ def test_invalid_slots_skip_their_sequence(lens):
 DECODE_GRID = list(itertools.product(("none", "bf16", "fp32"), ("none", "bf16", "fp32"), (False, True)))
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("state_in,state_out,varlen", DECODE_GRID)
 def test_every_decode_specialisation(state_in, state_out, varlen):
     """The token-by-token kernel (T <= 15) with dense states, every state dtype pair, against the recurrence."""
@@ -139,6 +142,7 @@ def test_every_decode_specialisation(state_in, state_out, varlen):
 # ------------------------------------------------------------------ speculative verify: per-token states
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("with_accepted", [True, False])
 def test_per_token_states_with_accepted_tokens(dtype, with_accepted):
@@ -219,6 +223,7 @@ def test_checkpoints_are_bitwise_the_final_state_of_the_prefix(ckpt_dtype):
 # ------------------------------------------------------------------ strided inputs
 
 
+@pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("T", [300, 5], ids=["chunked", "decode"])
 def test_strided_inputs_are_bitwise_equal_to_contiguous_ones(T):
     B, H = 2, 4
@@ -244,6 +249,7 @@ def test_strided_inputs_are_bitwise_equal_to_contiguous_ones(T):
 # ------------------------------------------------------------------ a conversation: prefill, then decode steps
 
 
+@pytest.mark.usefixtures("decode_ctas")
 def test_prefill_then_256_decode_steps_through_the_pool():
     H, slots, steps = 4, 10, 256
     lens = [1000, 700]
@@ -283,6 +289,7 @@ def test_prefill_then_256_decode_steps_through_the_pool():
 # ------------------------------------------------------------------ CUDA graphs and torch.compile
 
 
+@pytest.mark.usefixtures("decode_ctas")
 def test_graph_replay_with_new_indices_accepted_tokens_and_offsets():
     H, slots, T_max = 2, 16, 3
     lens = [3, 2, 3, 1]
@@ -377,11 +384,12 @@ def test_torch_compile_with_absent_states_and_checkpoints():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1]) and torch.equal(eager_ckpt, ckpt)
 
 
-@pytest.mark.parametrize("N", [40, 100], ids=["2 groups per warp", "8 groups per warp"])
+@pytest.mark.parametrize("N", [40, 100])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_one_token_decode_of_a_large_batch(N, dtype):
-    """Large one-token batches run the grouped decode build (fewer CTAs per head, several row groups
-    per warp sharing one token's work): the same results as the recurrence, other slots untouched."""
+    """Large one-token batches, with the CTAs per head the host picks (bf16: the grouped build, whose
+    warps share one token's work across row groups): the same results as the recurrence, other slots
+    untouched."""
     H, slots = 32, N + 7
     inp = make_inputs(1, N, H, seed=300 + N)
     cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
@@ -397,3 +405,25 @@ def test_one_token_decode_of_a_large_batch(N, dtype):
     untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
     untouched[indices] = False
     assert torch.equal(storage[untouched], before[untouched])
+
+
+def test_the_one_token_launch_of_the_grouped_build_is_capped():
+    """api.DECODE_GROUPED_ONE_TOKEN launches the grouped build with unused shared memory so that
+    DECODE_ONE_TOKEN_CTAS_PER_SM of its CTAs share an SM, one fewer than its register bound allows."""
+    from cuda.bindings import driver
+    from flash_kda import api
+    from flash_kda.jit import get_kernel
+    from flash_kda.jit.spec import DecodeSpec
+
+    def resident(kernel) -> int:
+        err, count = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function, kernel.threads,
+                                                                         kernel.smem_bytes)
+        assert err == driver.CUresult.CUDA_SUCCESS
+        return count
+
+    spec = DecodeSpec(state_in="bf16", state_out="bf16", varlen=True, grouped=True, arch=api.device_arch(0))
+    kernel = get_kernel(spec, 0)
+    capped = kernel.capped(api.DECODE_ONE_TOKEN_CTAS_PER_SM)
+    assert resident(kernel) == spec.min_blocks_per_sm == api.DECODE_ONE_TOKEN_CTAS_PER_SM + 1
+    assert resident(capped) == api.DECODE_ONE_TOKEN_CTAS_PER_SM and capped.function == kernel.function
+    assert kernel.capped(spec.min_blocks_per_sm) is kernel

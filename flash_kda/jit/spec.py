@@ -167,9 +167,9 @@ class KernelSpec(_SpecBase):
 class DecodeSpec(_SpecBase):
     """One compiled variant of the token-by-token kernel (decode, speculative verify).
 
-    ``grouped``: the build whose warps walk several groups of rows (1, 2 or 4 CTAs per head; the
-    host runs 2, for one-token steps of large batches of bf16 states); otherwise 8 CTAs per head,
-    one group per warp."""
+    ``grouped``: the build whose warps hold several groups of rows in shared memory (2 or 4 CTAs
+    per head; the host picks it for large batches: api._decode_ctas_per_head); otherwise 8 CTAs per
+    head, one group per warp."""
 
     grouped: bool = False
 
@@ -187,7 +187,7 @@ class DecodeSpec(_SpecBase):
     @property
     def min_blocks_per_sm(self) -> int:  # type: ignore[override]
         """CTAs per SM the launch bounds ask for (registers: see DecodeConfig in kda_decode.cuh)."""
-        return 5 if self.grouped else 7
+        return 6 if self.grouped else 7
 
     @property
     def name(self) -> str:
@@ -197,7 +197,7 @@ class DecodeSpec(_SpecBase):
     @property
     def splits(self) -> int:
         """CTAs per (sequence, head) of the one-group build: one group of 4 value rows per warp. The
-        grouped build is launched with 1, 2 or 4 (each warp then walks 8, 4 or 2 groups)."""
+        grouped build is launched with 2 or 4 (each warp then holds 4 or 2 groups)."""
         return self.head_v // (DECODE_ROWS_PER_GROUP * DECODE_THREADS // 32)
 
     def source(self) -> str:

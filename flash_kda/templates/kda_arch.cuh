@@ -212,4 +212,14 @@ __device__ __forceinline__ void cp_async_wait_groups() {  // all but this thread
   asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory");
 }
 
+// The same for a count known at run time (wait_group takes an immediate); counts above 3 wait as 3 does.
+__device__ __forceinline__ void cp_async_wait_groups(int pending) {
+  switch (pending) {
+    case 0: cp_async_wait_groups<0>(); break;
+    case 1: cp_async_wait_groups<1>(); break;
+    case 2: cp_async_wait_groups<2>(); break;
+    default: cp_async_wait_groups<3>(); break;
+  }
+}
+
 }  // namespace flash_kda

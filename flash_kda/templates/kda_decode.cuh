@@ -4,10 +4,11 @@
 // The work is memory-bound (each state is read once and written once, or once per token in verify),
 // so the kernel is built for bandwidth: a warp owns groups of kRows value rows of one (sequence, head)
 // state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
-// bf16 accesses, contiguous rows per warp); the rows stay in registers across the sequence's tokens.
-// A warp walks its rows in groups of 4. fp32 states and small batches cut each head into 8 CTAs (one
-// group per warp: 256 CTAs even at N = 1, H = 32); large batches of bf16 states into fewer, so that
-// the per-token work of a warp is shared by more rows (api._decode_ctas_per_head).
+// bf16 accesses, contiguous rows per warp). fp32 one-token steps and small batches cut each head into
+// 8 CTAs (one group per warp, its rows in registers across the tokens: 256 CTAs even at N = 1,
+// H = 32); larger batches into 2 or 4, whose warps hold 4 or 2 groups in shared memory and walk the
+// tokens outside and the groups inside, so that a token's preparation is shared by all of a warp's
+// rows (api._decode_ctas_per_head).
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
 //   sk = s . k^,  sq = scale s . q^    (one reduce-scatter over the warp for all rows: warp_reduce_scatter)
@@ -24,15 +25,16 @@ namespace flash_kda {
 
 struct DecodeConfig {
   static constexpr int kRows = 4;       // value rows a warp holds at once (a group)
-  static constexpr int kStages = 4;     // grouped build: row groups a warp has in flight (shared memory)
+  static constexpr int kMaxGroups = 4;  // grouped build: row groups a warp keeps in shared memory
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  // __launch_bounds__ (spec.py): the grouped build holds a token's quantities across row groups and
-  // streams 4 groups through shared memory (96 registers a thread; at 80, some variants spill); the
-  // one-group build (8 CTAs of a head) fits in 72. No variant spills (-Xptxas -v).
+  static constexpr int kMinCtasPerHead = kMaxCtasPerHead / kMaxGroups;  // 2: the grouped build's fewest
+  // __launch_bounds__ (spec.py): the grouped build keeps its rows in shared memory (32 KB ring + 3.3 KB
+  // stage a CTA: 6 CTAs an SM) and fits in 80 registers; the one-group build (8 CTAs of a head) holds
+  // its rows in registers and fits in 72. No variant spills (-Xptxas -v).
   template <bool GROUPED>
-  static constexpr int kCtasPerSm = GROUPED ? 5 : 7;
+  static constexpr int kCtasPerSm = GROUPED ? 6 : 7;
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
@@ -47,10 +49,12 @@ struct TokenRaw {
   bf16 beta;
 };
 
-// A warp's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the warp's 4 values.
+// A warp's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the 4 values of
+// each of the warp's row groups, double-buffered (the grouped build reads a token's values during the
+// token, while the next token's land).
 struct TokenStage {
   uint2 q[32], k[32], g[32];
-  uint2 v;
+  uint2 v[2][DecodeConfig::kMaxGroups];
 };
 
 template <class Gate>
@@ -127,11 +131,11 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
-// ctas_per_head and launches N * H * ctas_per_head CTAs); each warp walks its share in groups of 4
+// ctas_per_head and launches N * H * ctas_per_head CTAs); each warp holds its share in groups of 4
 // rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
-// groups. GROUPED: a build for 1, 2 or 4 CTAs per head (warps walk several groups, streamed through
-// shared memory); otherwise 8 CTAs per head and one group per warp (more CTAs resident: fp32 states,
-// small batches and multi-token steps).
+// groups. GROUPED: a build for 2 or 4 CTAs per head (each warp keeps 4 or 2 groups in shared memory);
+// otherwise 8 CTAs per head and one group per warp in registers (more CTAs resident: fp32 one-token
+// steps and small batches).
 // Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
 template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED, class Gate>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
@@ -173,94 +177,93 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bf16* g_head = p.g + token_offset(sg, VARLEN, seq, bos, 0, h) + c0;
   const bf16* v_head = p.v + token_offset(sv, VARLEN, seq, bos, 0, h) + row0;
   const bf16* beta_head = p.beta + token_offset(sb, VARLEN, seq, bos, 0, h);
-  auto load_v = [&](long long t, int group) { return *reinterpret_cast<const uint2*>(v_head + t * sv.token + group * R); };
-  auto load_token = [&](long long t) -> TokenRaw {
-    return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
-            *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
-  };
-  // The grouped build streams its row groups through a per-warp ring of shared memory with cp.async,
-  // kStages groups ahead: loads in flight hold no registers, so a warp keeps 4 groups' bytes moving
-  // (bf16 rows are half the bytes for the same per-token work). Each lane copies and later reads
-  // back only its own 4 channels of each row: no warp synchronisation is needed.
+  // The grouped build keeps all of a warp's row groups (4 or 2) in a per-warp ring of shared memory:
+  // the initial rows land there with cp.async (loads in flight hold no registers), and between tokens
+  // each group's state waits there in fp32 while the warp applies the token to its other groups, so
+  // that a token's preparation (norms, gate, sigmoid) is done once per warp for all of them. Each lane
+  // copies, reads and writes only its own 16 bytes of each row: no warp synchronisation is needed.
   constexpr int kInBytes = STATE_IN == kStateFP32 ? 4 : 2;
-  constexpr int kStageRowBytes = STATE_IN == kStateNone ? 16 : kHeadK * kInBytes;
-  __shared__ alignas(16) unsigned char ring[GROUPED ? Cfg::kWarps * Cfg::kStages * R : 1][kStageRowBytes];
-  auto stage_row = [&](int group, int r) -> unsigned char* {
-    return ring[(warp * Cfg::kStages + group % Cfg::kStages) * R + r] + c0 * kInBytes;
-  };
+  __shared__ alignas(16) float ring[GROUPED ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kHeadK];
+  auto ring_row = [&](int group, int r) -> float* { return ring[(warp * Cfg::kMaxGroups + group) * R + r] + c0; };
   // this lane's bytes of the warp's first row, or null when the state starts from zeros
-  const unsigned char* stage_source =
-      STATE_IN != kStateNone && GROUPED && plan.read_offset >= 0
+  const unsigned char* state_source =
+      STATE_IN != kStateNone && plan.read_offset >= 0
           ? static_cast<const unsigned char*>(p.initial_state) + (plan.read_offset + static_cast<long long>(row0) * kHeadK + c0) * kInBytes
           : nullptr;
-  auto stage_group = [&](int group) {  // one commit group per call, empty past the last group
-    if constexpr (STATE_IN != kStateNone) {
-      if (stage_source != nullptr && group < groups) {
+  // the grouped build: every group's initial rows into the ring, one commit group per row group (empty
+  // past the warp's groups, so that group g has landed once at most kMaxGroups - 1 - g are pending)
+  auto stage_initial_rows = [&]() {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const unsigned char* src = stage_source + (group * R + r) * kStageRowBytes;
-          if constexpr (STATE_IN == kStateFP32) {
-            cp_async_16(stage_row(group, r), src, true);
-          } else {
-            cp_async_8(stage_row(group, r), src);
+    for (int group = 0; group < Cfg::kMaxGroups; ++group) {
+      if constexpr (STATE_IN != kStateNone) {
+        if (state_source != nullptr && group < groups) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const unsigned char* src = state_source + (group * R + r) * kHeadK * kInBytes;
+            if constexpr (STATE_IN == kStateFP32) {
+              cp_async_16(ring_row(group, r), src, true);
+            } else {
+              cp_async_8(ring_row(group, r), src);
+            }
           }
         }
       }
+      cp_async_commit();
     }
-    cp_async_commit();
   };
-  auto staged_group = [&](int group, float (&rows)[R][4]) {  // after its copies landed
+  // a group's state before token t: the initial rows as staged (t = 0), else the fp32 rows kept
+  auto ring_read = [&](int group, int t, float (&rows)[R][4]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if constexpr (STATE_IN == kStateFP32) {
-        if (stage_source != nullptr) row = *reinterpret_cast<const float4*>(stage_row(group, r));
+      if (t > 0 || STATE_IN == kStateFP32) {
+        if (t > 0 || state_source != nullptr) row = *reinterpret_cast<const float4*>(ring_row(group, r));
       } else if constexpr (STATE_IN == kStateBF16) {
-        if (stage_source != nullptr) row = unpack_bf16x4(*reinterpret_cast<const uint2*>(stage_row(group, r)));
+        if (state_source != nullptr) row = unpack_bf16x4(*reinterpret_cast<const uint2*>(ring_row(group, r)));
       }
       rows[r][0] = row.x, rows[r][1] = row.y, rows[r][2] = row.z, rows[r][3] = row.w;
     }
   };
-  auto load_group = [&](int group, float (&rows)[R][4]) {  // the one-group build: straight to registers
+  auto ring_write = [&](int group, const float (&rows)[R][4]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      *reinterpret_cast<float4*>(ring_row(group, r)) = make_float4(rows[r][0], rows[r][1], rows[r][2], rows[r][3]);
+    }
+  };
+  auto load_rows = [&](float (&rows)[R][4]) {  // the one-group build: straight to registers
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if constexpr (STATE_IN != kStateNone) {
         if (plan.read_offset >= 0) {
-          row = load_state4<STATE_IN>(p.initial_state,
-                                      plan.read_offset + static_cast<long long>(row0 + group * R + r) * kHeadK + c0);
+          row = load_state4<STATE_IN>(p.initial_state, plan.read_offset + static_cast<long long>(row0 + r) * kHeadK + c0);
         }
       }
       rows[r][0] = row.x, rows[r][1] = row.y, rows[r][2] = row.z, rows[r][3] = row.w;
     }
   };
 
-  float S[R][4];
-  if constexpr (GROUPED) {
-#pragma unroll
-    for (int group = 0; group < Cfg::kStages; ++group) stage_group(group);
-  } else {
-    load_group(0, S);
-  }
-  const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
-  uint2 v_first = seq_len > 0 ? load_v(0, 0) : uint2{};  // token 0's values for the group being loaded
-  const Gate gate(p, gate_raw);
-  // token 0's quantities: the grouped build keeps them for every group (all of a one-token step)
-  const TokenPrep first_prep = prepare_token(p, first, gate);
-  const bool per_token = (p.features & kFeaturePerToken) != 0;
-
-  auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
-    if constexpr (STATE_OUT != kStateNone) {
-      if (!per_token) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          store_state4<STATE_OUT>(p.final_state, plan.write_offset + static_cast<long long>(rows0 + r) * kHeadK + c0,
-                                  S[r]);
-        }
-      }
-    }
+  auto load_v = [&](int t, int group) { return *reinterpret_cast<const uint2*>(v_head + t * sv.token + group * R); };
+  auto load_token = [&](int t) -> TokenRaw {
+    return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
+            *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
-  // Token t on the current group of rows: its output row, and its state when verify stores every token's.
+  // Later tokens are staged one token ahead with cp.async (TokenStage): the loads in flight hold no
+  // registers while the warp works on the current token. Lane g < groups copies the values of group g.
+  __shared__ TokenStage stages[Cfg::kWarps];
+  TokenStage& stage = stages[warp];
+  auto stage_token = [&](int t) {
+    cp_async_8(&stage.q[lane], q_head + t * sq.token);
+    cp_async_8(&stage.k[lane], k_head + t * sk.token);
+    cp_async_8(&stage.g[lane], g_head + t * sg.token);
+    if (lane < groups) cp_async_8(&stage.v[t & 1][lane], v_head + t * sv.token + lane * R);
+    return beta_head[t * sb.token];
+  };
+  auto staged_token = [&](bf16 beta) -> TokenRaw { return {stage.q[lane], stage.k[lane], stage.g[lane], beta}; };
+
+  const bool per_token = (p.features & kFeaturePerToken) != 0;
+  float S[R][4];  // the current group's rows
+  // Token t on the group of rows starting at rows0: its output row, and its state when verify stores every token's.
   auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int t, int rows0) {
     const float o = apply_token(prep, v_raw, S, lane);
     if (writes_output(lane)) {  // four lanes, one 8-byte segment
@@ -278,42 +281,71 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       }
     }
   };
+  auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
+    if constexpr (STATE_OUT != kStateNone) {
+      if (!per_token) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          store_state4<STATE_OUT>(p.final_state, plan.write_offset + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
+        }
+      }
+    }
+  };
+
+  // The second wave of loads: the initial rows (the grouped build: into the ring, group by group, so
+  // that the first token starts on a group as soon as its rows have landed) and token 0, straight to
+  // registers (lane l holds the values of group l mod groups).
+  if constexpr (GROUPED) {
+    stage_initial_rows();
+  } else {
+    load_rows(S);
+  }
+  const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
+  const uint2 first_values = seq_len > 0 ? load_v(0, lane & (groups - 1)) : uint2{};
+  const Gate gate(p, gate_raw);
+  TokenPrep prep = seq_len > 0 ? prepare_token(p, first, gate) : TokenPrep{};
 
   if constexpr (GROUPED) {
-    // One-token steps (the host's choice; later tokens, if a hint was wrong, are loaded when needed).
-    for (int group = 0; group < groups; ++group) {
-      if (group > 0 && seq_len > 0) v_first = load_v(0, group);
-      cp_async_wait_groups<Cfg::kStages - 1>();
-      staged_group(group, S);
-      stage_group(group + Cfg::kStages);  // into the slot just read (each lane its own bytes)
-      const int rows0 = row0 + group * R;
-      if (seq_len > 0) finish_token(first_prep, v_first, 0, rows0);
+    // Tokens outside, groups inside; a sequence with no tokens makes one pass that only moves its state.
 #pragma unroll 1
-      for (int t = 1; t < seq_len; ++t) finish_token(prepare_token(p, load_token(t), gate), load_v(t, group), t, rows0);
-      store_final(rows0);
+    for (int t = 0; t < max(seq_len, 1); ++t) {
+      // token t + 1: its values into the buffer every lane finished reading in token t - 1
+      const bf16 beta_next = t + 1 < seq_len ? stage_token(t + 1) : bf16{};
+      const bool last = t + 1 >= seq_len;
+#pragma unroll 1
+      for (int group = 0; group < groups; ++group) {
+        const int rows0 = row0 + group * R;
+        if (t == 0) cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+        ring_read(group, t, S);
+        if (t < seq_len) {
+          const uint2 values = t == 0 ? make_uint2(__shfl_sync(kFullMask, first_values.x, group),
+                                                   __shfl_sync(kFullMask, first_values.y, group))
+                                      : stage.v[t & 1][group];
+          finish_token(prep, values, t, rows0);
+        }
+        if (last) {
+          store_final(rows0);
+        } else {
+          ring_write(group, S);
+        }
+      }
+      if (!last) {
+        cp_async_wait_all();  // token t + 1 landed
+        __syncwarp();         // ... for every lane; and every lane is done with token t's values
+        prep = prepare_token(p, staged_token(beta_next), gate);
+      }
     }
   } else {
-    // One group per warp. Verify loads one token ahead into shared memory (cp.async), so that the
-    // loads in flight during a token's math hold no registers (the build has 72 a thread).
-    __shared__ TokenStage stages[Cfg::kWarps];
-    TokenStage& stage = stages[warp];
-    auto stage_token = [&](int t) {
-      cp_async_8(&stage.q[lane], q_head + t * sq.token);
-      cp_async_8(&stage.k[lane], k_head + t * sk.token);
-      cp_async_8(&stage.g[lane], g_head + t * sg.token);
-      if (lane == 0) cp_async_8(&stage.v, v_head + t * sv.token);
-      return beta_head[t * sb.token];
-    };
+    // One group per warp, its rows in registers across the tokens.
+    uint2 values = first_values;
     bf16 beta_upcoming = seq_len > 1 ? stage_token(1) : bf16{};
-    TokenPrep prep = first_prep;
-    uint2 v_now = v_first;
     for (int t = 0; t < seq_len; ++t) {
-      finish_token(prep, v_now, t, row0);
+      finish_token(prep, values, t, row0);
       if (t + 1 < seq_len) {
         cp_async_wait_all();
-        __syncwarp();  // lane 0's copy of v is visible to the warp
-        const TokenRaw upcoming{stage.q[lane], stage.k[lane], stage.g[lane], beta_upcoming};
-        v_now = stage.v;
+        __syncwarp();  // lane 0's copy of the values is visible to the warp
+        const TokenRaw upcoming = staged_token(beta_upcoming);
+        values = stage.v[(t + 1) & 1][0];
         __syncwarp();  // every lane has read the stage before it is refilled
         if (t + 2 < seq_len) beta_upcoming = stage_token(t + 2);
         prep = prepare_token(p, upcoming, gate);
