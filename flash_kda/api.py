@@ -55,23 +55,26 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_one_wave_units(device_index: int) -> int:
-    """The most (sequence, head) pairs whose one-group decode CTAs (8 each) are all resident at once."""
-    spec = DecodeSpec("none", "none", False)
-    return spec.min_blocks_per_sm * _sm_count(device_index) // spec.splits
+def _decode_one_wave_units(device_index: int) -> tuple[int, int]:
+    """The most (sequence, head) pairs whose decode CTAs are all resident at once: with 8 CTAs per
+    head (the one-group build), and with 4 (the grouped build, uncapped)."""
+    sms = _sm_count(device_index)
+    one_group, grouped = DecodeSpec("none", "none", False), DecodeSpec("none", "none", False, grouped=True)
+    return one_group.min_blocks_per_sm * sms // one_group.splits, grouped.min_blocks_per_sm * sms // 4
 
 
-def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: int, one_token: bool) -> int:
+def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: tuple[int, int],
+                          one_token: bool) -> int:
     """CTAs per (sequence, head) of the token-by-token kernel: 8 (one group of 4 value rows per warp,
-    in registers) or 2 (four groups per warp in shared memory, which share each token's norms and
-    gate). Small batches run 8, for the most CTAs. Beyond one wave, multi-token steps (verify) run 2:
-    each token's preparation is then shared by 16 rows instead of 4. One-token steps of fp32 states
-    are bound by their bytes and run best with the most CTAs; bf16 rows move half the bytes for the
-    same per-token work, so sharing it wins. Measured over N = 1 to 1024 (bench_decode.py --sweep,
-    benchmarks/NOTES.md)."""
-    if units <= one_wave_units or (one_token and state_in == "fp32" and state_out == "fp32"):
+    in registers), or 4 or 2 (two or four groups per warp in shared memory, which share each token's
+    norms and gate). Small batches run 8, for the most CTAs. Beyond one wave of those, multi-token
+    steps (verify) run 4 while those are all resident, then 2: each token's preparation is shared
+    by 16 rows instead of 4. One-token steps of fp32 states are bound by their bytes and run best
+    with the most CTAs; bf16 rows move half the bytes for the same per-token work, so sharing it
+    wins. Measured over N = 1 to 1024 (bench_decode.py --sweep, benchmarks/NOTES.md)."""
+    if units <= one_wave_units[0] or (one_token and state_in == "fp32" and state_out == "fp32"):
         return 8
-    return 2
+    return 4 if not one_token and units <= one_wave_units[1] else 2
 
 
 def choose_v_block(units: int, device_index: int) -> int:

@@ -43,12 +43,13 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
 
 
 @pytest.mark.parametrize("dtype,N,ctas_per_head", [(torch.float32, 1, 8), (torch.float32, 1024, 8),
-                                                    (torch.bfloat16, 3, 8), (torch.bfloat16, 4, 2),
-                                                    (torch.bfloat16, 1024, 2)])
+                                                    (torch.float32, 4, 8), (torch.bfloat16, 3, 8),
+                                                    (torch.bfloat16, 4, 2), (torch.bfloat16, 1024, 2)])
 def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dtype, N, ctas_per_head):
     """One-token steps of fp32 states: 8 CTAs per head (one group of rows per warp). bf16 states, and
     multi-token steps of either: 2 (four groups per warp share each token's work) once the one-group
-    CTAs would not all be resident (115 pairs on 132 SMs)."""
+    CTAs would not all be resident (115 pairs on 132 SMs); multi-token steps 4 while the grouped
+    build's CTAs at 4 a head would be (198 pairs)."""
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token
     states = torch.zeros(N, 32, 128, 128, dtype=dtype)
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
@@ -57,7 +58,7 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     assert blocks == N * 32 * ctas_per_head
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
     spec, blocks, _ = launched(device)
-    several = 8 if N * 32 <= 115 else 2
+    several = 8 if N * 32 <= 115 else 4 if N * 32 <= 198 else 2
     assert isinstance(spec, DecodeSpec) and spec.grouped == (several < 8) and blocks == N * 32 * several
 
 
