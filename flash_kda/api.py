@@ -25,13 +25,10 @@ from .jit.spec import ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec
 # max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
 # of 16 tokens) runs the chunked kernel when run alone: checkpoints are bitwise equal to it.
 DECODE_MAX_TOKENS = 15
-DECODE = 0  # the v_block slot of a launcher key for the token-by-token kernel (8 CTAs per head) ...
-DECODE_GROUPED = -1  # ... for its grouped build (2 or 4 CTAs per head) ...
-DECODE_GROUPED_ONE_TOKEN = -2  # ... and for that build on one-token steps, at DECODE_ONE_TOKEN_CTAS_PER_SM
-# The grouped build fits 6 CTAs an SM (its register bound). Verify reuses each row for every token and
-# runs best with all 6; one-token steps move each row once and run best with 5 (H100, bench_decode.py,
-# benchmarks/NOTES.md "Serving path, round 5"): the same binary, launched with unused shared memory.
-DECODE_ONE_TOKEN_CTAS_PER_SM = 5
+# The v_block slot of a launcher key for the token-by-token kernel's builds (spec.DECODE_BUILDS): 8 CTAs
+# per head; and 2 or 4, for one-token steps and for multi-token steps.
+DECODE, DECODE_STREAMED, DECODE_TOKEN_OUTER = 0, -1, -2
+_DECODE_BUILD_OF = {DECODE: "one_group", DECODE_STREAMED: "streamed", DECODE_TOKEN_OUTER: "token_outer"}
 
 _specs: dict[tuple, AnySpec] = {}
 _streams: dict[int, object] = {}
@@ -57,17 +54,17 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _decode_one_wave_units(device_index: int) -> tuple[int, int]:
     """The most (sequence, head) pairs whose decode CTAs are all resident at once: with 8 CTAs per
-    head (the one-group build), and with 4 (the grouped build, uncapped)."""
+    head (the one-group build), and with 4 (the token-outer build, for multi-token steps)."""
     sms = _sm_count(device_index)
-    one_group, grouped = DecodeSpec("none", "none", False), DecodeSpec("none", "none", False, grouped=True)
-    return one_group.min_blocks_per_sm * sms // one_group.splits, grouped.min_blocks_per_sm * sms // 4
+    one_group, token_outer = DecodeSpec("none", "none", False), DecodeSpec("none", "none", False, build="token_outer")
+    return one_group.min_blocks_per_sm * sms // one_group.splits, token_outer.min_blocks_per_sm * sms // 4
 
 
 def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: tuple[int, int],
                           one_token: bool) -> int:
     """CTAs per (sequence, head) of the token-by-token kernel: 8 (one group of 4 value rows per warp,
     in registers), or 4 or 2 (two or four groups per warp in shared memory, which share each token's
-    norms and gate). Small batches run 8, for the most CTAs. Beyond one wave of those, multi-token
+    norms and gate: the streamed build for one-token steps, the token-outer one for several). Small batches run 8, for the most CTAs. Beyond one wave of those, multi-token
     steps (verify) run 4 while those are all resident, then 2: each token's preparation is shared
     by 16 rows instead of 4. One-token steps of fp32 states are bound by their bytes and run best
     with the most CTAs; bf16 rows move half the bytes for the same per-token work, so sharing it
@@ -94,8 +91,8 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, 
     spec = _specs.get(key)
     if spec is None:
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
-                                         grouped=v_block != DECODE, gate=gate)
-                              if v_block in (DECODE, DECODE_GROUPED, DECODE_GROUPED_ONE_TOKEN) else
+                                         build=_DECODE_BUILD_OF[v_block], gate=gate)
+                              if v_block <= DECODE else
                               KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
                                          arch=arch, gate=gate))
     return spec
@@ -127,10 +124,7 @@ def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool, v_
               gate: str) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
     spec = _spec(state_in, state_out, varlen, v_block, gate, device_arch(device_index))
-    kernel = get_kernel(spec, device_index)
-    if v_block == DECODE_GROUPED_ONE_TOKEN:
-        kernel = kernel.capped(DECODE_ONE_TOKEN_CTAS_PER_SM)
-    launcher = (kernel, spec.splits)
+    launcher = (get_kernel(spec, device_index), spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block, gate)] = launcher
     return launcher
 
@@ -230,7 +224,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
         one_token = (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN
         ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index), one_token)
-        v_block = DECODE if ctas_per_head == 8 else DECODE_GROUPED_ONE_TOKEN if one_token else DECODE_GROUPED
+        v_block = DECODE if ctas_per_head == 8 else DECODE_STREAMED if one_token else DECODE_TOKEN_OUTER
     elif v_block is None:
         thresholds = _v_block_thresholds(index)
         v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32

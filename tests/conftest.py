@@ -46,8 +46,9 @@ def baked_cache(tmp_path_factory) -> Path:
 @pytest.fixture(params=[8, 4, 2], ids=["8 CTAs a head", "4 CTAs a head", "2 CTAs a head"])
 def decode_ctas(request, monkeypatch) -> int:
     """Runs a test's token-by-token launches with each choice of CTAs per (sequence, head): the
-    one-group build (8) and the grouped build with 2 or 4 row groups per warp, whatever
-    api._decode_ctas_per_head would pick for the test's small batches."""
+    one-group build (8), and the streamed (one-token steps) or token-outer (multi-token steps) build
+    with 2 or 4 row groups per warp, whatever api._decode_ctas_per_head would pick for the test's
+    small batches."""
     from flash_kda import api
     monkeypatch.setattr(api, "_decode_ctas_per_head", lambda *args: request.param)
     return request.param

@@ -26,10 +26,6 @@ class FakeKernel:
 
     launch_in_own_context = launch
 
-    def capped(self, ctas_per_sm: int) -> FakeKernel:
-        self.ctas_per_sm = ctas_per_sm
-        return self
-
 
 @pytest.fixture
 def device(monkeypatch):

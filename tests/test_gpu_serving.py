@@ -139,6 +139,28 @@ def test_every_decode_specialisation(state_in, state_out, varlen):
         assert torch.isfinite(final).all() and rel_rms(final, ref_state) <= TOL
 
 
+@pytest.mark.usefixtures("decode_ctas")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_max_seqlen_hint_changes_only_the_speed(dtype):
+    """max_seqlen=1 on sequences of up to 9 tokens launches a one-token step (the streamed build at 2 or
+    4 CTAs a head): a later token is loaded when needed, and the results are the recurrence's."""
+    H, slots = 2, 9
+    lens = [1, 5, 0, 9, 2]
+    inp, cu = varlen_inputs(lens, H, seed=60)
+    storage, pool = make_pool(slots, H, DT[dtype], pad=8, seed=61)
+    before = storage.clone()
+    indices = torch.tensor([3, 0, 7, 5, 1], device="cuda")
+    out = torch.full_like(inp["v"], float("nan"))
+    call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=1)
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(inp, before[:, :H * VK].view(slots, H, 128, 128)[indices].clone(), cu)
+    assert torch.isfinite(out).all() and rel_rms(out, ref_out) <= TOL
+    assert rel_rms(pool[indices], ref_state) <= TOL
+    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
+    untouched[indices] = False
+    assert torch.equal(storage[untouched], before[untouched])
+
+
 # ------------------------------------------------------------------ speculative verify: per-token states
 
 
@@ -387,7 +409,7 @@ def test_torch_compile_with_absent_states_and_checkpoints():
 @pytest.mark.parametrize("N", [40, 100])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_one_token_decode_of_a_large_batch(N, dtype):
-    """Large one-token batches, with the CTAs per head the host picks (bf16: the grouped build, whose
+    """Large one-token batches, with the CTAs per head the host picks (bf16: the streamed build, whose
     warps share one token's work across row groups): the same results as the recurrence, other slots
     untouched."""
     H, slots = 32, N + 7
@@ -406,24 +428,3 @@ def test_one_token_decode_of_a_large_batch(N, dtype):
     untouched[indices] = False
     assert torch.equal(storage[untouched], before[untouched])
 
-
-def test_the_one_token_launch_of_the_grouped_build_is_capped():
-    """api.DECODE_GROUPED_ONE_TOKEN launches the grouped build with unused shared memory so that
-    DECODE_ONE_TOKEN_CTAS_PER_SM of its CTAs share an SM, one fewer than its register bound allows."""
-    from cuda.bindings import driver
-    from flash_kda import api
-    from flash_kda.jit import get_kernel
-    from flash_kda.jit.spec import DecodeSpec
-
-    def resident(kernel) -> int:
-        err, count = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function, kernel.threads,
-                                                                         kernel.smem_bytes)
-        assert err == driver.CUresult.CUDA_SUCCESS
-        return count
-
-    spec = DecodeSpec(state_in="bf16", state_out="bf16", varlen=True, grouped=True, arch=api.device_arch(0))
-    kernel = get_kernel(spec, 0)
-    capped = kernel.capped(api.DECODE_ONE_TOKEN_CTAS_PER_SM)
-    assert resident(kernel) == spec.min_blocks_per_sm == api.DECODE_ONE_TOKEN_CTAS_PER_SM + 1
-    assert resident(capped) == api.DECODE_ONE_TOKEN_CTAS_PER_SM and capped.function == kernel.function
-    assert kernel.capped(spec.min_blocks_per_sm) is kernel

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_kda
-from flash_kda import api, checks
+from flash_kda import checks
 from flash_kda.jit.params import (FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEATURE_PER_TOKEN, FEATURE_POOL,
                                   FEATURE_STRIDED)
 from flash_kda.jit.spec import DecodeSpec, KernelSpec
@@ -46,20 +46,21 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
                                                     (torch.float32, 4, 8), (torch.bfloat16, 3, 8),
                                                     (torch.bfloat16, 4, 2), (torch.bfloat16, 1024, 2)])
 def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dtype, N, ctas_per_head):
-    """One-token steps of fp32 states: 8 CTAs per head (one group of rows per warp). bf16 states, and
-    multi-token steps of either: 2 (four groups per warp share each token's work) once the one-group
-    CTAs would not all be resident (115 pairs on 132 SMs); multi-token steps 4 while the grouped
-    build's CTAs at 4 a head would be (198 pairs)."""
+    """One-token steps of fp32 states: 8 CTAs per head (one group of rows per warp). bf16 states (the
+    streamed build), and multi-token steps of either (the token-outer build): 2 (four groups per warp
+    share each token's work) once the one-group CTAs would not all be resident (115 pairs on 132 SMs);
+    multi-token steps 4 while the token-outer build's CTAs at 4 a head would be (198 pairs)."""
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token
     states = torch.zeros(N, 32, 128, 128, dtype=dtype)
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
     spec, blocks, _ = launched(device)
-    assert isinstance(spec, DecodeSpec) and spec.grouped == (ctas_per_head < 8)
+    assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if ctas_per_head == 8 else "streamed")
     assert blocks == N * 32 * ctas_per_head
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
     spec, blocks, _ = launched(device)
     several = 8 if N * 32 <= 115 else 4 if N * 32 <= 198 else 2
-    assert isinstance(spec, DecodeSpec) and spec.grouped == (several < 8) and blocks == N * 32 * several
+    assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if several == 8 else "token_outer")
+    assert blocks == N * 32 * several
 
 
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):
@@ -229,17 +230,3 @@ def test_the_custom_op_carries_the_serving_arguments():
                  "bool? check_indices=None"):
         assert part in schema, (part, schema)
 
-
-def test_one_token_steps_of_the_grouped_build_run_at_fewer_ctas_an_sm(device):
-    """The grouped build's one-token steps are launched capped at DECODE_ONE_TOKEN_CTAS_PER_SM (unused
-    shared memory), its multi-token steps uncapped: the same specialisation either way."""
-    N = 64
-    args = inputs(T=N, H=32, varlen=list(range(N + 1)))
-    states = torch.zeros(N, 32, 128, 128, dtype=torch.bfloat16)
-    for max_seqlen in (1, 2):
-        flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=max_seqlen)
-    (one_token, _, _, _), (several, _, _, _) = device[1]
-    assert one_token == several and one_token.grouped
-    kernels = {key[4]: kernel for key, (kernel, _) in api._launchers.items()}
-    assert kernels[api.DECODE_GROUPED_ONE_TOKEN].ctas_per_sm == api.DECODE_ONE_TOKEN_CTAS_PER_SM
-    assert not hasattr(kernels[api.DECODE_GROUPED], "ctas_per_sm")

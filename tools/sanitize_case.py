@@ -3,7 +3,8 @@
 Varlen with an empty and a length-1 sequence; the general gates (every chunk form); pools addressed by negative, past-the-end and huge
 slots; 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
 past the sequence, not multiples of 16, or huge; strided inputs. Calls that run the token-by-token
-kernel run through each of its launch shapes (8 CTAs a head, and the grouped build at 4 and 2). None
+kernel run through each of its launch shapes (8 CTAs a head, and the streamed or token-outer build at
+4 and 2). None
 of it may touch memory out of bounds. Usage: compute-sanitizer --tool memcheck python tools/sanitize_case.py
 """
 import torch

@@ -1,7 +1,6 @@
 """Load a cubin into a device's primary context and launch it through the driver API."""
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import logging
@@ -82,39 +81,6 @@ class LoadedKernel:
         self._launch = driver.cuLaunchKernel
         self._success = driver.CUresult.CUDA_SUCCESS
         log.debug("flash_kda: loaded %s on cuda:%d (%d B shared memory)", spec.name, device_index, self.smem_bytes)
-
-    def capped(self, ctas_per_sm: int) -> LoadedKernel:
-        """This kernel, launched with enough unused dynamic shared memory that at most ``ctas_per_sm`` of its
-        CTAs share an SM (the occupancy API measures it): the same binary at a lower occupancy, for launches
-        that run better with fewer CTAs resident. Itself when it never fits more."""
-        driver = _driver()
-        attribute = driver.CUfunction_attribute
-        check(driver.cuCtxPushCurrent(self._context), "cuCtxPushCurrent")
-        try:
-            def resident(dynamic: int) -> int:
-                return check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, self.threads, dynamic),
-                             "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-
-            if resident(self.smem_bytes) <= ctas_per_sm:
-                return self
-            static = check(driver.cuFuncGetAttribute(attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function),
-                           "cuFuncGetAttribute(static shared memory)")
-            device = check(driver.cuDeviceGet(self.device_index), "cuDeviceGet")
-            most = check(driver.cuDeviceGetAttribute(
-                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device),
-                "cuDeviceGetAttribute(shared memory per block)") - static
-            check(driver.cuFuncSetAttribute(self.function, attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                            most), "cuFuncSetAttribute(max dynamic shared memory)")
-            dynamic = self.smem_bytes
-            while resident(dynamic) > ctas_per_sm and dynamic + 256 <= most:
-                dynamic += 256
-        finally:
-            check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
-        view = copy.copy(self)
-        view.smem_bytes = dynamic
-        log.debug("flash_kda: %s capped at %d CTAs an SM (%d B of dynamic shared memory)", self.spec.name,
-                  ctas_per_sm, dynamic)
-        return view
 
     def launch(self, blocks: int, stream, params_address: int) -> None:
         (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,

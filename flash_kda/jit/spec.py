@@ -35,6 +35,9 @@ V_BLOCKS = (32, 64, 128)
 ANCHORED_V_BLOCKS = (32, 64)
 HEAD_DIM = 128
 PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
+# The token-by-token kernel's builds (templates/kda_decode.cuh, kOneGroup / kStreamed / kTokenOuter), with the
+# CTAs an SM each is built for (its launch bounds, measured: DecodeConfig::kCtasPerSm).
+DECODE_BUILDS = {"one_group": 7, "streamed": 5, "token_outer": 6}
 DECODE_THREADS = 128
 DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
 KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
@@ -167,11 +170,12 @@ class KernelSpec(_SpecBase):
 class DecodeSpec(_SpecBase):
     """One compiled variant of the token-by-token kernel (decode, speculative verify).
 
-    ``grouped``: the build whose warps hold several groups of rows in shared memory (2 or 4 CTAs
-    per head; the host picks it for large batches: api._decode_ctas_per_head); otherwise 8 CTAs per
-    head, one group per warp."""
+    ``build`` (DECODE_BUILDS; the host picks one: api._decode_ctas_per_head): ``one_group`` runs 8
+    CTAs per head, one group of 4 value rows per warp in registers; ``streamed`` (one-token steps) and
+    ``token_outer`` (multi-token steps) run 2 or 4, their warps holding several groups in shared
+    memory."""
 
-    grouped: bool = False
+    build: str = "one_group"
 
     kind: ClassVar[str] = "decode"
     template: ClassVar[str] = "kda_decode.cuh"
@@ -180,6 +184,8 @@ class DecodeSpec(_SpecBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.build not in DECODE_BUILDS:
+            raise ValueError(f"the decode kernel's build must be one of {tuple(DECODE_BUILDS)}, got {self.build!r}")
         if self.gate not in DECODE_GATES:
             raise ValueError(f"the decode kernel's gate must be one of {DECODE_GATES} (its bounded build serves every "
                              f"lower_bound), got {self.gate!r}")
@@ -187,28 +193,28 @@ class DecodeSpec(_SpecBase):
     @property
     def min_blocks_per_sm(self) -> int:  # type: ignore[override]
         """CTAs per SM the launch bounds ask for (registers: see DecodeConfig in kda_decode.cuh)."""
-        return 6 if self.grouped else 7
+        return DECODE_BUILDS[self.build]
 
     @property
     def name(self) -> str:
-        build = "decode_grouped" if self.grouped else "decode"
+        build = "decode" if self.build == "one_group" else f"decode_{self.build}"
         return f"kda_{build}_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
 
     @property
     def splits(self) -> int:
         """CTAs per (sequence, head) of the one-group build: one group of 4 value rows per warp. The
-        grouped build is launched with 2 or 4 (each warp then holds 4 or 2 groups)."""
+        other builds are launched with 2 or 4 (each warp then holds 4 or 2 groups)."""
         return self.head_v // (DECODE_ROWS_PER_GROUP * DECODE_THREADS // 32)
 
     def source(self) -> str:
-        grouped = _cpp_bool(self.grouped)
-        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {grouped}, "
+        build = list(DECODE_BUILDS).index(self.build)
+        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {build}, "
                 f"{GATES[self.gate]}")
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
             f"flash_kda::DecodeConfig::kMaxCtasPerHead == {self.splits} && "
-            f"flash_kda::DecodeConfig::kCtasPerSm<{grouped}> == {self.min_blocks_per_sm}, "
+            f"flash_kda::DecodeConfig::kCtasPerSm<{build}> == {self.min_blocks_per_sm}, "
             f'"spec.py and the template disagree on the launch shape");\n')
 
 
@@ -236,5 +242,5 @@ def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[AnySpec]:
         for gate in GATES:
             for vb in v_blocks_for(gate):
                 yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch, gate=gate)
-        for gate, grouped in itertools.product(DECODE_GATES, (False, True)):
-            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, grouped=grouped, gate=gate)
+        for gate, build in itertools.product(DECODE_GATES, DECODE_BUILDS):
+            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, build=build, gate=gate)

@@ -23,18 +23,23 @@
 
 namespace flash_kda {
 
+// The builds of the token-by-token kernel (spec.py DECODE_BUILDS; api._decode_ctas_per_head picks one).
+constexpr int kOneGroup = 0;    // 8 CTAs a head, one group of rows per warp, in registers across the tokens
+constexpr int kStreamed = 1;    // 2 or 4 CTAs a head, one-token steps: groups outside, rows staged as stored
+constexpr int kTokenOuter = 2;  // 2 or 4 CTAs a head, multi-token steps: tokens outside, rows kept in fp32
+
 struct DecodeConfig {
   static constexpr int kRows = 4;       // value rows a warp holds at once (a group)
-  static constexpr int kMaxGroups = 4;  // grouped build: row groups a warp keeps in shared memory
+  static constexpr int kMaxGroups = 4;  // grouped builds: row groups a warp keeps in shared memory
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  static constexpr int kMinCtasPerHead = kMaxCtasPerHead / kMaxGroups;  // 2: the grouped build's fewest
-  // __launch_bounds__ (spec.py): the grouped build keeps its rows in shared memory (32 KB ring + 3.3 KB
-  // stage a CTA: 6 CTAs an SM) and fits in 80 registers; the one-group build (8 CTAs of a head) holds
-  // its rows in registers and fits in 72. No variant spills (-Xptxas -v).
-  template <bool GROUPED>
-  static constexpr int kCtasPerSm = GROUPED ? 6 : 7;
+  // __launch_bounds__ (spec.py), measured per build (benchmarks/NOTES.md, "Serving path, round 5"): the
+  // one-group build fits in 72 registers (7 CTAs an SM); the streamed build runs one-token steps best at
+  // 5 CTAs an SM (96 registers); the token-outer build (a 32 KB fp32 ring and a 3.3 KB stage a CTA)
+  // fits in 80 and verify runs best with all 6 CTAs. No variant spills (-Xptxas -v).
+  template <int BUILD>
+  static constexpr int kCtasPerSm = BUILD == kOneGroup ? 7 : BUILD == kStreamed ? 5 : 6;
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
@@ -50,8 +55,8 @@ struct TokenRaw {
 };
 
 // A warp's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the 4 values of
-// each of the warp's row groups, double-buffered (the grouped build reads a token's values during the
-// token, while the next token's land).
+// each of the warp's row groups, double-buffered (the token-outer build reads a token's values during
+// the token, while the next token's land).
 struct TokenStage {
   uint2 q[32], k[32], g[32];
   uint2 v[2][DecodeConfig::kMaxGroups];
@@ -133,17 +138,18 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
 // ctas_per_head and launches N * H * ctas_per_head CTAs); each warp holds its share in groups of 4
 // rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
-// groups. GROUPED: a build for 2 or 4 CTAs per head (each warp keeps 4 or 2 groups in shared memory);
-// otherwise 8 CTAs per head and one group per warp in registers (more CTAs resident: fp32 one-token
-// steps and small batches).
+// groups. BUILD: kOneGroup (8 CTAs per head, one group per warp in registers: more CTAs resident, for
+// small batches and fp32 one-token steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp
+// keeps 4 or 2 groups in shared memory; see DecodeConfig).
 // Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
-template <int STATE_IN, int STATE_OUT, bool VARLEN, bool GROUPED, class Gate>
+template <int STATE_IN, int STATE_OUT, bool VARLEN, int BUILD, class Gate>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
   constexpr int R = Cfg::kRows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int ctas_per_head = GROUPED ? gridDim.x / (p.num_seqs * p.num_heads) : Cfg::kMaxCtasPerHead;
-  const int groups = GROUPED ? Cfg::kMaxCtasPerHead / ctas_per_head : 1;  // groups of R rows per warp
+  constexpr bool kGrouped = BUILD != kOneGroup;
+  const int ctas_per_head = kGrouped ? gridDim.x / (p.num_seqs * p.num_heads) : Cfg::kMaxCtasPerHead;
+  const int groups = kGrouped ? Cfg::kMaxCtasPerHead / ctas_per_head : 1;  // groups of R rows per warp
   const int block = blockIdx.x;
   const int h = (block / ctas_per_head) % p.num_heads;
   const int seq = block / ctas_per_head / p.num_heads;
@@ -177,20 +183,24 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bf16* g_head = p.g + token_offset(sg, VARLEN, seq, bos, 0, h) + c0;
   const bf16* v_head = p.v + token_offset(sv, VARLEN, seq, bos, 0, h) + row0;
   const bf16* beta_head = p.beta + token_offset(sb, VARLEN, seq, bos, 0, h);
-  // The grouped build keeps all of a warp's row groups (4 or 2) in a per-warp ring of shared memory:
-  // the initial rows land there with cp.async (loads in flight hold no registers), and between tokens
-  // each group's state waits there in fp32 while the warp applies the token to its other groups, so
-  // that a token's preparation (norms, gate, sigmoid) is done once per warp for all of them. Each lane
-  // copies, reads and writes only its own 16 bytes of each row: no warp synchronisation is needed.
+  // The grouped builds keep all of a warp's row groups (4 or 2) in a per-warp ring of shared memory:
+  // the initial rows land there with cp.async (loads in flight hold no registers). In the token-outer
+  // build each group's state waits there in fp32 between tokens while the warp applies the token to its
+  // other groups, so that a token's preparation (norms, gate, sigmoid) is done once per warp for all of
+  // them; the streamed build (one token) keeps rows as stored, half the bytes for bf16 states. Each lane
+  // copies, reads and writes only its own bytes of each row: no warp synchronisation is needed.
   constexpr int kInBytes = STATE_IN == kStateFP32 ? 4 : 2;
-  __shared__ alignas(16) float ring[GROUPED ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kHeadK];
-  auto ring_row = [&](int group, int r) -> float* { return ring[(warp * Cfg::kMaxGroups + group) * R + r] + c0; };
+  constexpr int kRingBytes = BUILD == kTokenOuter ? 4 : kInBytes;  // bytes per key channel in the ring
+  __shared__ alignas(16) unsigned char ring[kGrouped ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kHeadK * kRingBytes];
+  auto ring_row = [&](int group, int r) -> unsigned char* {
+    return ring[(warp * Cfg::kMaxGroups + group) * R + r] + c0 * kRingBytes;
+  };
   // this lane's bytes of the warp's first row, or null when the state starts from zeros
   const unsigned char* state_source =
       STATE_IN != kStateNone && plan.read_offset >= 0
           ? static_cast<const unsigned char*>(p.initial_state) + (plan.read_offset + static_cast<long long>(row0) * kHeadK + c0) * kInBytes
           : nullptr;
-  // the grouped build: every group's initial rows into the ring, one commit group per row group (empty
+  // the grouped builds: every group's initial rows into the ring, one commit group per row group (empty
   // past the warp's groups, so that group g has landed once at most kMaxGroups - 1 - g are pending)
   auto stage_initial_rows = [&]() {
 #pragma unroll
@@ -211,7 +221,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       cp_async_commit();
     }
   };
-  // a group's state before token t: the initial rows as staged (t = 0), else the fp32 rows kept
+  // a group's state before token t: the initial rows as staged (t = 0), else the fp32 rows kept (token-outer)
   auto ring_read = [&](int group, int t, float (&rows)[R][4]) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -250,7 +260,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
   // Later tokens are staged one token ahead with cp.async (TokenStage): the loads in flight hold no
   // registers while the warp works on the current token. Lane g < groups copies the values of group g.
-  __shared__ TokenStage stages[Cfg::kWarps];
+  // (The streamed build runs one token: a later one, if the host's hint was wrong, is loaded when needed.)
+  __shared__ TokenStage stages[BUILD == kStreamed ? 1 : Cfg::kWarps];
   TokenStage& stage = stages[warp];
   auto stage_token = [&](int t) {
     cp_async_8(&stage.q[lane], q_head + t * sq.token);
@@ -292,20 +303,38 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
   };
 
-  // The second wave of loads: the initial rows (the grouped build: into the ring, group by group, so
+  // The second wave of loads: the initial rows (the grouped builds: into the ring, group by group, so
   // that the first token starts on a group as soon as its rows have landed) and token 0, straight to
   // registers (lane l holds the values of group l mod groups).
-  if constexpr (GROUPED) {
+  if constexpr (kGrouped) {
     stage_initial_rows();
   } else {
     load_rows(S);
   }
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
-  const uint2 first_values = seq_len > 0 ? load_v(0, lane & (groups - 1)) : uint2{};
+  // (the streamed build: every lane group 0's, and each later group's at that group)
+  const uint2 first_values = seq_len > 0 ? load_v(0, BUILD == kStreamed ? 0 : lane & (groups - 1)) : uint2{};
   const Gate gate(p, gate_raw);
   TokenPrep prep = seq_len > 0 ? prepare_token(p, first, gate) : TokenPrep{};
 
-  if constexpr (GROUPED) {
+  auto first_values_of = [&](int group) {  // warp-uniform group
+    return make_uint2(__shfl_sync(kFullMask, first_values.x, group), __shfl_sync(kFullMask, first_values.y, group));
+  };
+  if constexpr (BUILD == kStreamed) {
+    // Groups outside: each group's rows from the ring, its token(s), its final state.
+    uint2 values = first_values;
+#pragma unroll 1
+    for (int group = 0; group < groups; ++group) {
+      const int rows0 = row0 + group * R;
+      if (group > 0 && seq_len > 0) values = load_v(0, group);
+      cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+      ring_read(group, 0, S);
+      if (seq_len > 0) finish_token(prep, values, 0, rows0);
+#pragma unroll 1
+      for (int t = 1; t < seq_len; ++t) finish_token(prepare_token(p, load_token(t), gate), load_v(t, group), t, rows0);
+      store_final(rows0);
+    }
+  } else if constexpr (BUILD == kTokenOuter) {
     // Tokens outside, groups inside; a sequence with no tokens makes one pass that only moves its state.
 #pragma unroll 1
     for (int t = 0; t < max(seq_len, 1); ++t) {
@@ -318,9 +347,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
         if (t == 0) cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
         ring_read(group, t, S);
         if (t < seq_len) {
-          const uint2 values = t == 0 ? make_uint2(__shfl_sync(kFullMask, first_values.x, group),
-                                                   __shfl_sync(kFullMask, first_values.y, group))
-                                      : stage.v[t & 1][group];
+          const uint2 values = t == 0 ? first_values_of(group) : stage.v[t & 1][group];
           finish_token(prep, values, t, rows0);
         }
         if (last) {
