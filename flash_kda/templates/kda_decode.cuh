@@ -275,6 +275,12 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
 
   const bool per_token = (p.features & kFeaturePerToken) != 0;
   float S[R][4];  // the current group's rows
+  auto store_rows = [&](long long base, int rows0) {  // the current group's rows into a state at `base`
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      store_state4<STATE_OUT>(p.final_state, base + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
+    }
+  };
   // Token t on the group of rows starting at rows0: its output row, and its state when verify stores every token's.
   auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int t, int rows0) {
     const float o = apply_token(prep, v_raw, S, lane);
@@ -284,23 +290,13 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     if constexpr (STATE_OUT != kStateNone) {
       if (per_token) {
         const long long offset = token_state_offset(p, h, t, column_slot);
-        if (offset >= 0) {
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            store_state4<STATE_OUT>(p.final_state, offset + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
-          }
-        }
+        if (offset >= 0) store_rows(offset, rows0);
       }
     }
   };
   auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
     if constexpr (STATE_OUT != kStateNone) {
-      if (!per_token) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          store_state4<STATE_OUT>(p.final_state, plan.write_offset + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
-        }
-      }
+      if (!per_token) store_rows(plan.write_offset, rows0);
     }
   };
 
