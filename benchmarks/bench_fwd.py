@@ -1,13 +1,15 @@
 """flash_kda vs FLA's Triton chunk_kda on the BASELINES cases, timed in the same process.
 
 Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floor/ours), the
-V-slice sweep, the serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the
-bounded gate, and FLA's softplus path), the host cost per call and the first-call costs.
+V-slice sweep, the portable variant (FLASH_KDA_KERNEL=portable) beside the default and FLA, the
+serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the bounded gate, and
+FLA's softplus path), the host cost per call and the first-call costs.
 Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick]
 (--quick: the main table only, with plain calls, so that it can time an older flash_kda too)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,12 +19,14 @@ import time
 import torch
 
 import flash_kda
+from flash_kda import api
 from flash_kda.jit.spec import V_BLOCKS
 
 from common import fla_chunk_kda, make_inputs, time_ms
 
 HBM_BYTES_PER_S = 3.0e12  # measured H100 copy bandwidth (BASELINES.md)
 SOFTPLUS_VS_BOUNDED = 1.10  # the softplus gate (and lower_bound -8): at most this much slower than lower_bound -5
+PORTABLE_VS_FLA = 1.5  # the portable variant (a proxy for Ampere, where FLA is the alternative)
 SOFTPLUS_VS_FLA = {"T8192 H96 fixed": 3.0, "T8192 H64 varlen6": 3.0, "T32768 H32 fixed": 2.5}
 CASES = [  # name, B, T, H, sequence lengths (varlen) or None, target ratio vs FLA
     ("T8192 H96 fixed", 1, 8192, 96, None, 3.2),
@@ -58,6 +62,26 @@ def checkpoints_for(lengths: list[int], device="cuda") -> torch.Tensor:
     return torch.tensor([[n // 3 // 16 * 16, 2 * n // 3 // 16 * 16] for n in lengths], device=device)
 
 
+@contextlib.contextmanager
+def kernel_variant(name: str):
+    """Calls inside run the chunked kernel's ``name`` variant (as FLASH_KDA_KERNEL would select it)."""
+    def reset():
+        api.chunk_variant.cache_clear()
+        api._specs.clear()
+        api._launchers.clear()
+    previous = os.environ.get("FLASH_KDA_KERNEL")
+    os.environ["FLASH_KDA_KERNEL"] = name
+    reset()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FLASH_KDA_KERNEL"]
+        else:
+            os.environ["FLASH_KDA_KERNEL"] = previous
+        reset()
+
+
 def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     inp = make_inputs(B, T, H, seed=0)
     inp["A_log"] = torch.rand(H, device="cuda")
@@ -83,6 +107,10 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
     checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
         float("nan")
+    portable = {}
+    if not quick:
+        with kernel_variant("portable"):
+            portable = {vb: time_ms(ours(vb), reps=reps) for vb in (None, *V_BLOCKS)}
     def fla_call(lower_bound):
         return lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, inp["A_log"],
                                      inp["dt_bias"], lower_bound, initial_state=h0, cu_seqlens=cu)
@@ -92,7 +120,7 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
     if not quick:  # ours with the softplus gate and lower_bound -8, FLA's softplus path (safe_gate=False)
         gates = {"softplus": time_ms(ours(lower_bound=None), reps=reps), "lb-8": time_ms(ours(lower_bound=-8.0), reps=reps),
                  "fla softplus": time_ms(fla_call(None), reps=reps) if with_fla else None}
-    return default, sweep, fla, floor_ms(B, T, H, N), strided, checkpointed, gates
+    return default, sweep, fla, floor_ms(B, T, H, N), strided, checkpointed, gates, portable
 
 
 def host_cost_us(calls: int = 2000) -> float:
@@ -140,14 +168,15 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
           f"flash_kda {flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}")
-    rows, sweeps, serving, gates = [], [], [], []
+    rows, sweeps, serving, gates, portables = [], [], [], [], []
     for name, B, T, H, lens, target in CASES:
-        ours, sweep, fla, floor, strided, checkpointed, gate_times = bench_case(B, T, H, lens, with_fla, args.reps,
-                                                                                args.quick)
+        ours, sweep, fla, floor, strided, checkpointed, gate_times, portable = bench_case(
+            B, T, H, lens, with_fla, args.reps, args.quick)
         rows.append((name, ours, fla, target, floor))
         sweeps.append((name, sweep))
         serving.append((name, ours, strided, checkpointed))
         gates.append((name, ours, gate_times))
+        portables.append((name, ours, fla, portable))
         print(f"  {name}: ours {ours:.3f} ms, FLA {fla if fla is None else round(fla, 3)} ms", flush=True)
 
     print("\n| case | ours ms | FLA ms | FLA/ours | target | pass | floor/ours |")
@@ -164,6 +193,18 @@ def main() -> None:
     print("|---|" + "---:|" * len(V_BLOCKS))
     for name, sweep in sweeps:
         print(f"| {name} | " + " | ".join(f"{sweep[vb]:.3f}" for vb in V_BLOCKS) + " |")
+
+    print(f"\nThe portable variant (FLASH_KDA_KERNEL=portable: no clusters; ms) beside the default and FLA, same "
+          f"process; target ≥ {PORTABLE_VS_FLA}× faster than FLA. Its own V-slice sweep on the right:\n")
+    print("| case | default | portable | portable/default | FLA | FLA/portable | pass | "
+          + " | ".join(f"portable {vb}" for vb in V_BLOCKS) + " |")
+    print("|---|---:|---:|---:|---:|---:|:---:|" + "---:|" * len(V_BLOCKS))
+    for name, ours, fla, portable in portables:
+        ratio = fla / portable[None] if fla else float("nan")
+        verdict = ("pass" if ratio >= PORTABLE_VS_FLA else "fail") if fla else "—"
+        print(f"| {name} | {ours:.3f} | {portable[None]:.3f} | {portable[None] / ours:.3f} | "
+              f"{f'{fla:.3f}' if fla else '—'} | {ratio:.2f}× | {verdict} | "
+              + " | ".join(f"{portable[vb]:.3f}" for vb in V_BLOCKS) + " |")
 
     print("\nServing inputs on the same rows (ms): strided q/k/v/g/beta (slices of a fused projection, no copies;"
           " target ≤ 1.05× contiguous) and two checkpoints per sequence (target ≤ 1.03× without):\n")

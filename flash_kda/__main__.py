@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from .jit.arch import ARCHS, DEFAULT_TARGETS
+from .jit.arch import ARCHS, REFERENCE_TARGET
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,7 @@ def _precompile(args: argparse.Namespace) -> int:
         print("FLASH_KDA_DISABLE_JIT=1: nothing is compiled; verifying the cache instead", flush=True)
         return _verify(args)
     start = time.perf_counter()
-    entries = precompile(archs=args.arch or DEFAULT_TARGETS, cache_dir=args.cache_dir, compiler=_compiler(args),
+    entries = precompile(archs=args.arch, cache_dir=args.cache_dir, compiler=_compiler(args),
                          workers=args.jobs, progress=_progress)
     total = sum(e.size for e in entries)
     built = sum(e.compiled for e in entries)
@@ -49,7 +49,7 @@ def _precompile(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .precompile import verify
 
-    report = verify(archs=args.arch or DEFAULT_TARGETS, cache_dir=args.cache_dir, compiler=_compiler(args))
+    report = verify(archs=args.arch, cache_dir=args.cache_dir, compiler=_compiler(args))
     for problem in report.problems:
         print(f"PROBLEM {problem}")
     other = f"; {report.other_entries} entries of other versions or compilers" if report.other_entries else ""
@@ -83,8 +83,11 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  headers: {', '.join(include_dirs())}")
     except RuntimeError as exc:
         print(f"  headers: {exc}")
-    print("  targets: " + "; ".join(f"{a.target} (compute capability {a.capability[0]}.{a.capability[1]}: {a.gpus})"
-                                    for a in ARCHS.values()))
+    print("  targets (the chunked kernel's variants; where each was run here):")
+    for a in ARCHS.values():
+        variants = "clustered (default) and portable" if a.clusters else "portable"
+        print(f"    {a.target} (compute capability {a.capability[0]}.{a.capability[1]}: {a.gpus}): {variants}; "
+              f"{a.validated}")
     try:
         import torch
         if torch.cuda.is_available():
@@ -94,8 +97,15 @@ def _info(args: argparse.Namespace) -> int:
             for i in range(torch.cuda.device_count()):
                 cap = torch.cuda.get_device_capability(i)
                 arch = arch_for_capability(*cap)
-                print(f"  cuda:{i}: {torch.cuda.get_device_name(i)} (compute capability {cap[0]}.{cap[1]}): "
-                      f"{'uses ' + arch.target if arch else 'not supported'}")
+                if arch is None:
+                    use = "not supported"
+                else:
+                    from .api import chunk_variant
+                    try:
+                        use = f"uses {arch.target}, {chunk_variant(arch.target)} variant"
+                    except (ValueError, RuntimeError) as exc:  # a FLASH_KDA_KERNEL this arch cannot honour
+                        use = f"uses {arch.target}; {exc}"
+                print(f"  cuda:{i}: {torch.cuda.get_device_name(i)} (compute capability {cap[0]}.{cap[1]}): {use}")
         else:
             print("  GPU: none visible")
     except Exception as exc:  # noqa: BLE001
@@ -133,8 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="cache directory (default: FLASH_KDA_CACHE_DIR or ~/.cache/flash_kda)")
     targets = argparse.ArgumentParser(add_help=False)
     targets.add_argument("--arch", action="append",
-                         help=f"target arch, one of {', '.join(ARCHS)}, or 'all' (repeatable; default "
-                              f"{', '.join(DEFAULT_TARGETS)})")
+                         help=f"target arch, one of {', '.join(ARCHS)}, or 'all' (repeatable; default: the "
+                              f"visible GPUs' targets, {REFERENCE_TARGET} when none is visible)")
     targets.add_argument("--compiler", choices=("nvrtc", "nvcc"), default=None,
                          help="nvrtc (default, or FLASH_KDA_COMPILER) or nvcc; part of the cache key")
     p = sub.add_parser("precompile", parents=[targets, cache],

@@ -9,17 +9,19 @@ stays; docs/serving.md describes them.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import torch
 
 from . import checks
 from .jit import get_kernel
-from .jit.arch import ARCHS, arch_for_capability
+from .jit.arch import ARCHS, VARIANTS, arch_for_capability
 from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
                          POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind
+from .jit.spec import (ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind,
+                       spec_state_dtypes)
 
 # Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
 # max_seqlen hint). One less than the chunk, so that every prefix a checkpoint can name (a multiple
@@ -56,7 +58,7 @@ def _decode_one_wave_units(device_index: int) -> tuple[int, int]:
     """The most (sequence, head) pairs whose decode CTAs are all resident at once: with 8 CTAs per
     head (the one-group build), and with 4 (the token-outer build, for multi-token steps)."""
     sms = _sm_count(device_index)
-    one_group, token_outer = DecodeSpec("none", "none", False), DecodeSpec("none", "none", False, build="token_outer")
+    one_group, token_outer = DecodeSpec("fp32", "fp32", False), DecodeSpec("fp32", "fp32", False, build="token_outer")
     return one_group.min_blocks_per_sm * sms // one_group.splits, token_outer.min_blocks_per_sm * sms // 4
 
 
@@ -87,15 +89,36 @@ def choose_v_block(units: int, device_index: int) -> int:
     return 128 if units >= t128 else 64 if units >= t64 else 32
 
 
+@functools.lru_cache(maxsize=None)
+def chunk_variant(arch: str) -> str:
+    """The chunked kernel's variant on ``arch``: ``FLASH_KDA_KERNEL`` (clustered or portable; read once
+    per process), else clustered where the arch table allows it and portable elsewhere. The
+    token-by-token kernel is the same in both."""
+    has_clusters = ARCHS[arch].clusters
+    choice = os.environ.get("FLASH_KDA_KERNEL", "").strip().lower()
+    if not choice:
+        return "clustered" if has_clusters else "portable"
+    if choice not in VARIANTS:
+        raise ValueError(f"flash_kda: FLASH_KDA_KERNEL must be one of {', '.join(VARIANTS)} (or unset), "
+                         f"got {os.environ['FLASH_KDA_KERNEL']!r}")
+    if choice == "clustered" and not has_clusters:
+        raise RuntimeError(f"flash_kda: FLASH_KDA_KERNEL=clustered, but {arch} runs only the portable variant "
+                           "(no thread-block clusters, or too little shared memory for their slot ring: "
+                           "flash_kda/jit/arch.py); unset it or set it to portable")
+    return choice
+
+
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, arch: str) -> AnySpec:
     key = (state_in, state_out, varlen, v_block, gate, arch)
     spec = _specs.get(key)
     if spec is None:
+        state_in, state_out = spec_state_dtypes(state_in, state_out)
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
                                          build=_DECODE_BUILD_OF[v_block], gate=gate)
                               if v_block <= DECODE else
                               KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
-                                         arch=arch, gate=gate))
+                                         arch=arch, gate=gate,
+                                         cluster=None if chunk_variant(arch) == "clustered" else 1))
     return spec
 
 

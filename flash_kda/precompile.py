@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 from .errors import CacheMissError, FlashKDAError
 from .jit import Compiler, KernelCache, all_specs, build, env_flag, get_compiler
-from .jit.arch import DEFAULT_TARGETS, check_target
+from .jit.arch import ALL_TARGETS, check_target, visible_targets
 from .jit.cache import cache_key, check_entry
 from .jit.spec import AnySpec, spec_from_dict
 from .logs import log
@@ -38,18 +38,21 @@ class CompiledEntry:
     seconds: float
 
 
-def resolve_targets(archs: Iterable[str] | str) -> tuple[str, ...]:
-    """Validated compiler targets; ``"all"`` means every target of the arch table."""
+def resolve_targets(archs: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Validated compiler targets; ``"all"`` means every target of the arch table, None the visible
+    GPUs' targets (the reference target, sm_90a, when no GPU is visible)."""
+    if archs is None:
+        return visible_targets()
     names = [archs] if isinstance(archs, str) else list(archs)
     if not names:
         raise ValueError("flash_kda: give at least one arch")
     targets: list[str] = []
     for name in names:
-        targets += DEFAULT_TARGETS if name == "all" else [check_target(name).target]
+        targets += ALL_TARGETS if name == "all" else [check_target(name).target]
     return tuple(dict.fromkeys(targets))
 
 
-def _planned_entries(archs: Iterable[str] | str, specs: Iterable[AnySpec] | None,
+def _planned_entries(archs: Iterable[str] | str | None, specs: Iterable[AnySpec] | None,
                      compiler: str | Compiler | None) -> tuple[Compiler, list[tuple[AnySpec, str]]]:
     """The compiler and the (spec, cache key) of every entry ``precompile`` writes and ``verify`` expects."""
     targets = resolve_targets(archs)
@@ -64,7 +67,7 @@ def _check_workers(workers: object) -> None:
         raise ValueError(f"flash_kda: the number of parallel compiles (--jobs) must be an integer >= 1, got {workers!r}")
 
 
-def precompile(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.PathLike | None = None,
+def precompile(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLike | None = None,
                specs: Iterable[AnySpec] | None = None, compiler: str | Compiler | None = None,
                workers: int | None = None,
                progress: Callable[[CompiledEntry, int, int], None] | None = None) -> list[CompiledEntry]:
@@ -163,7 +166,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(archs: Iterable[str] | str = DEFAULT_TARGETS, cache_dir: str | os.PathLike | None = None,
+def verify(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLike | None = None,
            compiler: str | Compiler | None = None, specs: Iterable[AnySpec] | None = None) -> VerifyReport:
     """Check a baked cache without writing to it: every specialisation for ``archs`` is present, and
     every entry in the directory passes the trust rule, its identity and checksum checks, and can

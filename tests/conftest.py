@@ -10,14 +10,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper mo
 from stub_device import device  # noqa: E402,F401  (the stubbed-device fixture of the host-side tests)
 
 
-def _has_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)
+def _has_supported_gpu() -> bool:
+    from flash_kda.jit.arch import arch_for_capability
+    return torch.cuda.is_available() and arch_for_capability(*torch.cuda.get_device_capability(0)) is not None
+
+
+def pytest_report_header(config):
+    if not _has_supported_gpu():
+        return "flash_kda: no supported GPU visible (GPU tests skipped)"
+    from flash_kda.api import chunk_variant, device_arch
+    arch = device_arch(0)
+    return (f"flash_kda: {torch.cuda.get_device_name(0)}, target {arch}, chunked kernel variant "
+            f"{chunk_variant(arch)} (FLASH_KDA_KERNEL={os.environ.get('FLASH_KDA_KERNEL', '')!r})")
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_sm90():
+    if _has_supported_gpu():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU of compute capability 9.0")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU of a supported architecture (flash_kda/jit/arch.py)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -25,15 +35,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def baked_cache(tmp_path_factory) -> Path:
-    """Every specialisation compiled once for the session by NVRTC, in parallel worker processes
-    (the precompile path); tests that need real cubins or a complete cache share it."""
+    """Every specialisation for every target compiled once for the session by NVRTC, in parallel
+    worker processes (the precompile path); tests that need real cubins or a complete cache share it."""
     import flash_kda
     directory = tmp_path_factory.mktemp("baked_cache")
     # with the spill check on: a specialisation that spills to local memory fails here
     previous = os.environ.get("FLASH_KDA_JIT_CHECK_SPILLS")
     os.environ["FLASH_KDA_JIT_CHECK_SPILLS"] = "1"
     try:
-        entries = flash_kda.precompile(cache_dir=directory, compiler="nvrtc")
+        entries = flash_kda.precompile(archs="all", cache_dir=directory, compiler="nvrtc")
     finally:
         if previous is None:
             del os.environ["FLASH_KDA_JIT_CHECK_SPILLS"]

@@ -74,7 +74,7 @@ def test_read_only_cache_dir_serves_hits_and_falls_back_for_misses(tmp_path):
         cache = KernelCache(sys.argv[1])
         _, path, compiled = build(KernelSpec({SPEC_ARGS}), cache=cache, compiler=NVRTCCompiler())
         print("hit", compiled, path.is_relative_to(sys.argv[1]))
-        _, path, compiled = build(KernelSpec('none', 'none', True, v_block=32), cache=cache, compiler=NVRTCCompiler())
+        _, path, compiled = build(KernelSpec('bf16', 'fp32', True, v_block=32), cache=cache, compiler=NVRTCCompiler())
         print("miss", compiled, path.is_relative_to(sys.argv[1]), path.is_relative_to(sys.argv[2]))
     """)
     with read_only_view(src, tmp_path / "ro") as ro:
@@ -96,5 +96,5 @@ def test_a_cache_precompiled_elsewhere_works_when_copied(tmp_path):
                                   allow_build=False)
     assert not compiled and path.is_relative_to(tmp_path / "image")
     with pytest.raises(CacheMissError):
-        build(KernelSpec("fp32", "none", True, v_block=64), cache=KernelCache(tmp_path / "image"),
+        build(KernelSpec("bf16", "bf16", True, v_block=64), cache=KernelCache(tmp_path / "image"),
               compiler=NVRTCCompiler(), allow_build=False)

@@ -142,7 +142,7 @@ def test_a_failed_compile_inside_precompile_names_the_spec_and_the_first_errors(
 
 
 @pytest.mark.parametrize("args,message", [
-    (["precompile", "--arch", "sm_70"], "flash_kda: unsupported arch 'sm_70'; supported: sm_90a"),
+    (["precompile", "--arch", "sm_70"], "flash_kda: unsupported arch 'sm_70'; supported: sm_80, sm_86, sm_89, sm_90a,"),
     (["precompile", "--arch", "sm_90"], "flash_kda: unsupported arch 'sm_90' (did you mean sm_90a?"),
     (["verify", "--arch", "compute_90a"], "(give the real target, e.g. sm_90a, not the virtual one)"),
     (["precompile", "--jobs", "0"], "flash_kda: error: argument --jobs: must be an integer >= 1, got '0'"),

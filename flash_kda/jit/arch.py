@@ -12,15 +12,35 @@ from dataclasses import dataclass
 class Arch:
     target: str                   # --gpu-architecture for NVRTC / nvcc's code=, e.g. "sm_90a"
     capability: tuple[int, int]   # the compute capability that runs the cubin
-    clusters: bool                # thread-block clusters and distributed shared memory
+    clusters: bool                # the clustered chunk kernel runs here (clusters, DSMEM, bulk copies)
     max_smem_per_block: int       # bytes of dynamic shared memory one block may opt into
+    producer_warps: int           # the chunked kernel's producer warps a CTA: 4, or 2 where ~100 KB must do
     gpus: str                     # for messages and `python -m flash_kda info`
+    validated: str                # where it ran here: a GPU, or "compile-checked only" (README support table)
+    # FLASH_KDA_JIT_CHECK_SPILLS: the local-memory spill (bytes, stores or loads) a kernel may show here.
+    # 0 but on Blackwell, whose ptxas spills up to 44 bytes in the general gates' chunk producers (255
+    # registers a thread; sm_90a's fits them) and 8 in the decode kernel's fp32 streamed build on sm_12x.
+    max_spill_bytes: int = 0
 
 
+_KB = 1024
+# sm_120 / sm_121 have clusters, but the clustered slot ring (8 slots) does not fit their 99 KB a block.
 ARCHS: dict[str, Arch] = {arch.target: arch for arch in (
-    Arch("sm_90a", (9, 0), clusters=True, max_smem_per_block=227 * 1024, gpus="H100, H200, H800, H20"),
+    Arch("sm_80", (8, 0), False, 163 * _KB, 4, "A100, A800, A30", "compile-checked only"),
+    Arch("sm_86", (8, 6), False, 99 * _KB, 2, "A10, A40, RTX A6000, RTX 30", "compile-checked only"),
+    Arch("sm_89", (8, 9), False, 99 * _KB, 2, "L4, L40S, RTX 6000 Ada, RTX 40", "compile-checked only"),
+    Arch("sm_90a", (9, 0), True, 227 * _KB, 4, "H100, H200, H800, H20", "H100 (both variants)"),
+    Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", max_spill_bytes=48),
+    Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", max_spill_bytes=48),
+    Arch("sm_120a", (12, 0), False, 99 * _KB, 2, "RTX PRO 6000 Blackwell, RTX 50", "compile-checked only",
+         max_spill_bytes=48),
+    Arch("sm_121a", (12, 1), False, 99 * _KB, 2, "DGX Spark (GB10)", "compile-checked only", max_spill_bytes=48),
 )}
-DEFAULT_TARGETS: tuple[str, ...] = tuple(ARCHS)
+ALL_TARGETS: tuple[str, ...] = tuple(ARCHS)
+# Where the kernels were tuned and are tested on hardware; the arch of a spec made without one.
+REFERENCE_TARGET = "sm_90a"
+# The variants of the chunked kernel (FLASH_KDA_KERNEL): "clustered" needs Arch.clusters.
+VARIANTS = ("clustered", "portable")
 
 
 def virtual_target(target: str) -> str:
@@ -53,3 +73,16 @@ def arch_for_capability(major: int, minor: int) -> Arch | None:
         if arch.capability == (major, minor):
             return arch
     return None
+
+
+def visible_targets() -> tuple[str, ...]:
+    """The targets of the visible GPUs (the supported ones), or the reference target when none is
+    visible: what ``precompile`` and ``verify`` cover when no arch is given."""
+    try:
+        import torch
+        capabilities = ([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+                        if torch.cuda.is_available() else [])
+    except Exception:  # noqa: BLE001 - no usable CUDA runtime: as if no GPU were visible
+        capabilities = []
+    found = [arch.target for arch in (arch_for_capability(*cap) for cap in capabilities) if arch is not None]
+    return tuple(dict.fromkeys(found)) or (REFERENCE_TARGET,)

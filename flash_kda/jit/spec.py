@@ -11,15 +11,20 @@ width, target arch); everything else (pools, strides, checkpoints) is a run-time
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import ClassVar, Iterator, Union
 
-from .arch import DEFAULT_TARGETS, check_target
+from .arch import ALL_TARGETS, REFERENCE_TARGET, check_target
 
-STATE_DTYPES = ("none", "bf16", "fp32")
-_STATE_CODE = {"none": 0, "bf16": 1, "fp32": 2}  # kStateNone / kStateBF16 / kStateFP32
+STATE_DTYPES = ("none", "bf16", "fp32")  # what a call may pass for each state (none: no tensor)
+# The kernels are specialised on the dtype of the states only: whether a state is read or written is a
+# run-time fact (a null pointer, or has_initial_state, or an invalid slot), so a call without one runs
+# the kernel of the other state's dtype (spec_state_dtypes). Half the compiles of a (none, x) axis.
+SPEC_STATE_DTYPES = ("bf16", "fp32")
+_STATE_CODE = {"bf16": 1, "fp32": 2}  # kStateBF16 / kStateFP32 (templates/kda_params.cuh)
 # Gate kinds: the C++ type of each (templates/kda_gate.cuh), the one place a new kind is named.
 #   bounded:      lower_bound in [FACTORISED_LOWER_BOUND, 0]; the chunked kernel factorises e^{+-G};
 #   bounded_wide: any finite lower_bound below that; the anchored chunk form (docs/algorithm.md);
@@ -34,13 +39,20 @@ V_BLOCKS = (32, 64, 128)
 # registers a thread) leaves them, so those gates run 32- and 64-wide slices.
 ANCHORED_V_BLOCKS = (32, 64)
 HEAD_DIM = 128
-PRODUCER_WARPS = 4  # per CTA (templates/kda_fwd.cuh, Config<VB>)
 # The token-by-token kernel's builds (templates/kda_decode.cuh, kOneGroup / kStreamed / kTokenOuter), with the
 # CTAs an SM each is built for (its launch bounds, measured: DecodeConfig::kCtasPerSm).
 DECODE_BUILDS = {"one_group": 7, "streamed": 5, "token_outer": 6}
 DECODE_THREADS = 128
 DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
 KERNEL_NAME = "flash_kda_fwd_kernel"  # the entry symbol of every module
+
+
+def spec_state_dtypes(state_in: str, state_out: str) -> tuple[str, str]:
+    """The (initial, final) state dtypes of the kernel that serves a call's: a missing state takes the
+    other's dtype, and fp32 when both are missing."""
+    if state_in == "none":
+        state_in = state_out if state_out != "none" else "fp32"
+    return state_in, state_in if state_out == "none" else state_out
 
 
 def gate_kind(lower_bound: float | None) -> str:
@@ -67,15 +79,16 @@ class _SpecBase:
     gate: str = "bounded"
     head_k: int = HEAD_DIM
     head_v: int = HEAD_DIM
-    arch: str = DEFAULT_TARGETS[0]  # the arch table (arch.py) names the targets
+    arch: str = REFERENCE_TARGET  # the arch table (arch.py) names the targets
 
     kind: ClassVar[str] = ""
     template: ClassVar[str] = ""
     min_blocks_per_sm: ClassVar[int] = 1  # __launch_bounds__: how many CTAs must fit on an SM at once
 
     def __post_init__(self) -> None:
-        if self.state_in not in STATE_DTYPES or self.state_out not in STATE_DTYPES:
-            raise ValueError(f"state dtypes must be in {STATE_DTYPES}, got {self.state_in!r}/{self.state_out!r}")
+        if self.state_in not in SPEC_STATE_DTYPES or self.state_out not in SPEC_STATE_DTYPES:
+            raise ValueError(f"state dtypes must be in {SPEC_STATE_DTYPES} (a call without a state runs the kernel "
+                             f"of spec_state_dtypes), got {self.state_in!r}/{self.state_out!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {tuple(GATES)}, got {self.gate!r}")
         if (self.head_k, self.head_v) != (HEAD_DIM, HEAD_DIM):
@@ -123,9 +136,15 @@ class _SpecBase:
 
 @dataclass(frozen=True)
 class KernelSpec(_SpecBase):
-    """One compiled variant of the chunked KDA forward kernel."""
+    """One compiled variant of the chunked KDA forward kernel.
+
+    ``cluster``: CTAs per thread-block cluster. None (the default) means the most the arch allows:
+    2 for the 32- and 64-wide slices where the arch runs the clustered variant (the pair shares each
+    chunk's preparation through distributed shared memory), else 1. 1 is the portable variant
+    (FLASH_KDA_KERNEL=portable); the 128-wide slice is one CTA per head in both."""
 
     v_block: int = 64
+    cluster: int | None = None
 
     kind: ClassVar[str] = "chunk"
     template: ClassVar[str] = "kda_fwd.cuh"
@@ -135,35 +154,43 @@ class KernelSpec(_SpecBase):
         if type(self.v_block) is not int or self.v_block not in v_blocks_for(self.gate):
             raise ValueError(f"v_block must be one of {v_blocks_for(self.gate)} (an int) for the {self.gate} gate, "
                              f"got {self.v_block!r}")
+        most = 2 if check_target(self.arch).clusters and self.splits >= 2 else 1
+        if self.cluster is None:
+            object.__setattr__(self, "cluster", most)
+        elif type(self.cluster) is not int or not 1 <= self.cluster <= most:
+            raise ValueError(f"cluster must be 1{' or 2' if most == 2 else ''} for v_block={self.v_block} on "
+                             f"{self.arch}, got {self.cluster!r}")
 
     @property
     def name(self) -> str:
-        return f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_{self._suffix()}"
+        return (f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_c{self.cluster}_"
+                f"{self._suffix()}")
+
+    @property
+    def producer_warps(self) -> int:
+        return check_target(self.arch).producer_warps
 
     @property
     def threads(self) -> int:
-        return (self.v_block // 16 + PRODUCER_WARPS) * 32
+        return (self.v_block // 16 + self.producer_warps) * 32
 
     @property
     def splits(self) -> int:
         """CTAs per (sequence, head): the value axis is cut into this many slices."""
         return self.head_v // self.v_block
 
-    @property
-    def cluster(self) -> int:
-        """CTAs per thread-block cluster: pairs of a head's V-slices share each chunk's preparation
-        through distributed shared memory (templates/kda_fwd.cuh, Config<VB>::kCluster)."""
-        return min(self.splits, 2)
-
     def source(self) -> str:
-        args = (f"{self.v_block}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, "
+        config = f"flash_kda::Config<{self.v_block}, {self.cluster}, {self.producer_warps}>"
+        args = (f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, "
                 f"{GATES[self.gate]}")
+        max_smem = check_target(self.arch).max_smem_per_block
         return self._entry(
             self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",
-            f"flash_kda::kda_fwd<{args}>(p)", f"sizeof(flash_kda::SharedStorage<{self.v_block}>)",
-            f"static_assert(flash_kda::Config<{self.v_block}>::kThreads == {self.threads} && "
-            f"flash_kda::Config<{self.v_block}>::kCluster == {self.cluster}, "
-            f'"spec.py and the template disagree on the launch shape");\n')
+            f"flash_kda::kda_fwd<{args}>(p)", f"sizeof(flash_kda::SharedStorage<{config}>)",
+            f"static_assert({config}::kThreads == {self.threads}, "
+            f'"spec.py and the template disagree on the launch shape");\n'
+            f"static_assert(sizeof(flash_kda::SharedStorage<{config}>) <= {max_smem}, "
+            f'"the slot ring does not fit {self.arch}\'s shared memory (jit/arch.py)");\n')
 
 
 @dataclass(frozen=True)
@@ -236,11 +263,15 @@ def template_sources() -> dict[str, str]:
             if entry.name.endswith((".cuh", ".h"))}
 
 
-def all_specs(archs: tuple[str, ...] = DEFAULT_TARGETS) -> Iterator[AnySpec]:
-    """Every specialisation the library may launch, for the given archs."""
-    for arch, s_in, s_out, varlen in itertools.product(archs, STATE_DTYPES, STATE_DTYPES, (False, True)):
+def all_specs(archs: tuple[str, ...] = ALL_TARGETS) -> Iterator[AnySpec]:
+    """Every specialisation the library may launch, for the given archs: on an arch with clusters,
+    the chunked kernel's clustered and portable variants."""
+    for arch, s_in, s_out, varlen in itertools.product(archs, SPEC_STATE_DTYPES, SPEC_STATE_DTYPES, (False, True)):
         for gate in GATES:
             for vb in v_blocks_for(gate):
-                yield KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch, gate=gate)
+                widest = KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch, gate=gate)
+                yield widest
+                if widest.cluster > 1:
+                    yield dataclasses.replace(widest, cluster=1)
         for gate, build in itertools.product(DECODE_GATES, DECODE_BUILDS):
             yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, build=build, gate=gate)

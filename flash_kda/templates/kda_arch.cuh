@@ -1,8 +1,9 @@
 // flash_kda: architecture primitives used by the kernels, one wrapper per instruction.
 //
-// Everything below sm_90 (mma.sync, ldmatrix, cp.async, ex2.approx) runs on sm_80 and later;
-// the cluster / mbarrier-transaction / bulk-copy wrappers need sm_90 and are only referenced by
-// the clustered chunk kernel.
+// Everything below sm_90 (mma.sync, ldmatrix, cp.async, mbarrier arrive / test_wait, ex2.approx)
+// runs on sm_80 and later. The cluster, mbarrier-transaction and bulk-copy wrappers need sm_90 and
+// are referenced only by the clustered chunk kernel (Config::kCluster > 1); the wrappers both kernels
+// use pick their sm_90 instruction where __CUDA_ARCH__ has it, and an sm_80 one elsewhere.
 #pragma once
 
 #include <cute/arch/mma_sm80.hpp>
@@ -21,7 +22,53 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-// ---------------------------------------------------------------- clusters and mbarriers (sm_90)
+// ---------------------------------------------------------------- mbarriers (sm_80+)
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Makes this thread's mbarrier initialisations visible to the whole cluster (before a cluster barrier).
+// Without clusters (below sm_90) the __syncthreads that follows is enough.
+__device__ __forceinline__ void mbar_init_fence() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// Arrive on this CTA's mbarrier (release at CTA scope).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(smem_addr(bar)) : "memory");
+#else
+  uint64_t state;  // sm_80 has no sink operand for the arrival's phase token
+  asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(state) : "r"(smem_addr(bar)) : "memory");
+#endif
+}
+
+// Wait until the phase of the given parity of this CTA's mbarrier has completed: try_wait suspends the
+// thread for a while (sm_90); test_wait (sm_80) polls.
+__device__ __forceinline__ void mbar_wait(const uint64_t* bar, int parity) {
+  const uint32_t addr = smem_addr(bar);
+  uint32_t done;
+  do {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+#else
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+#endif
+  } while (!done);
+}
+
+// ---------------------------------------------------------------- clusters (sm_90)
 
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t rank;
@@ -40,39 +87,17 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-// Makes this thread's mbarrier initialisations visible to the whole cluster (before a cluster barrier).
-__device__ __forceinline__ void mbar_init_fence() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
 // Arrive on the mbarrier at `bar`: a shared::cta address (this CTA) or a shared::cluster address from
 // map_to_rank.  Release at CTA scope, as CUTLASS's cluster pipelines do: cluster scope would make ptxas
 // add MEMBAR.ALL.GPU, which waits for every outstanding global store.  Data crosses CTAs only through
 // the asynchronous copies below, whose bytes complete the barrier's transaction count.
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(bar) : "memory");
 }
 
 // Announce `bytes` more bytes of asynchronous copies for the current phase of `bar` (shared::cluster).
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cluster.shared::cluster.b64 [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-
-// Wait until the phase of the given parity of this CTA's mbarrier has completed.
-__device__ __forceinline__ void mbar_wait(const uint64_t* bar, int parity) {
-  const uint32_t addr = smem_addr(bar);
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done) : "r"(addr), "r"(parity) : "memory");
-  } while (!done);
 }
 
 // 16 bytes into another CTA's shared memory; their arrival completes 16 bytes of `bar`'s transaction count.

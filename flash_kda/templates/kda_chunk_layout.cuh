@@ -9,15 +9,22 @@ namespace flash_kda {
 constexpr int kRowPad = 136;  // bf16 row stride of 16x128 tiles read by ldmatrix (no bank conflicts)
 constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
 
-// Launch shape of one V-slice width: the cluster size, the warp roles and the slot ring.
-template <int VB>
+// Launch shape of one specialisation: the V-slice width, the cluster size and the slot ring.
+//   CLUSTER: CTAs per cluster, consecutive V-slices of one (sequence, head) that share the chunk
+//     preparation through distributed shared memory (sm_90+): 2 for the clustered variant of the 32-
+//     and 64-wide slices (pairs, because clusters of 4 single-CTA SMs do not all fit at once on an
+//     H100: cuOccupancyMaxActiveClusters 30 of 33, which would leave a second wave at 128 CTAs); 1
+//     for the 128-wide slice and for the portable variant, whose CTAs each prepare every chunk.
+//   PRODUCER_WARPS: 4, or 2 where shared memory is ~100 KB a block (the arch table, jit/arch.py).
+template <int VB, int CLUSTER, int PRODUCER_WARPS>
 struct Config {
+  static_assert(VB % 16 == 0 && kHeadV % VB == 0, "VB must divide the value head dim in 16-row slices");
+  static_assert(CLUSTER == 1 || (CLUSTER == 2 && kHeadV / VB >= 2), "clusters are pairs of a head's V-slices");
+  static_assert(PRODUCER_WARPS == 2 || PRODUCER_WARPS == 4, "2 or 4 producer warps");
+  static constexpr int kVB = VB;
   static constexpr int kSplits = kHeadV / VB;  // CTAs per (sequence, head)
-  // CTAs per cluster: consecutive V-slices of one (sequence, head) that share the chunk
-  // preparation.  Pairs, because clusters of 4 single-CTA SMs do not all fit at once on an H100
-  // (cuOccupancyMaxActiveClusters: 30 of 33), which would leave a second wave at 128 CTAs.
-  static constexpr int kCluster = kSplits < 2 ? kSplits : 2;
-  static constexpr int kProducerWarps = 4;
+  static constexpr int kCluster = CLUSTER;
+  static constexpr int kProducerWarps = PRODUCER_WARPS;
   static constexpr int kSlots = kCluster * kProducerWarps;  // chunks in flight, one slot per producer warp
   static constexpr int kClusterV = kCluster * VB;             // value columns a producer loads
   static constexpr int kConsumerWarps = VB / 16;
@@ -60,10 +67,9 @@ struct NearPairs {
   float m[kChunk][4];
 };
 
-template <int VB>
+template <class Cfg>
 struct SharedStorage {
-  using Cfg = Config<VB>;
-  Stage<VB> stage[Cfg::kSlots];
+  Stage<Cfg::kVB> stage[Cfg::kSlots];
   RawChunk<Cfg::kClusterV> raw[Cfg::kProducerWarps];
   ProducerScratch scratch[Cfg::kProducerWarps];
   bf16 out[Cfg::kConsumerWarps][kChunk][kSmallPad];  // per consumer warp output staging

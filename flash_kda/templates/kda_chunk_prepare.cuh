@@ -135,10 +135,10 @@ __device__ __forceinline__ void factorised_products(const Stage<VB>& st, const R
 // (c / kCluster) % kProducerWarps == warp, i.e. chunk slot + k * kSlots, k = 0, 1, ..., always into
 // slot `slot` = warp * kCluster + rank of every CTA of the cluster.  `cv0`: the cluster's first
 // value column.
-template <int VB, bool VARLEN, class Gate>
-__device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int h, int cv0, long long bos,
+template <class Cfg, bool VARLEN, class Gate>
+__device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, int h, int cv0, long long bos,
                          int seq_len, int num_chunks, int rank, int warp, int lane) {
-  using Cfg = Config<VB>;
+  constexpr int VB = Cfg::kVB;
   constexpr int kSlots = Cfg::kSlots;
   const int slot = warp * Cfg::kCluster + rank;
   RawChunk<Cfg::kClusterV>& raw = sm.raw[warp];
@@ -255,7 +255,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
     {
       constexpr int kVecPerRow = Cfg::kClusterV / 8;
       const int c8 = (lane % kVecPerRow) * 8, to = c8 / VB;
-      const uint32_t to_full = map_to_rank(smem_addr(&sm.full[slot]), to);
+      uint32_t to_full = 0;  // mapa exists from sm_90 on: only the clustered variant asks for it
+      if constexpr (kCluster > 1) to_full = map_to_rank(smem_addr(&sm.full[slot]), to);
 #pragma unroll
       for (int i = 0; i < kChunk * kVecPerRow / 32; ++i) {
         const int r = (lane + i * 32) / kVecPerRow;
@@ -329,9 +330,14 @@ __device__ void producer(const KdaParams& p, SharedStorage<VB>& sm, int seq, int
         }
       }
     }
+    if constexpr (kCluster == 1) {
+      mbar_arrive(&sm.full[slot]);
+    } else {
 #pragma unroll
-    for (int j = 0; j < kCluster; ++j) {  // every lane, on every CTA's barrier (its own first)
-      mbar_arrive(j == 0 ? smem_addr(&sm.full[slot]) : map_to_rank(smem_addr(&sm.full[slot]), (rank + j) % kCluster));
+      for (int j = 0; j < kCluster; ++j) {  // every lane, on every CTA's barrier (its own first)
+        mbar_arrive_cluster(j == 0 ? smem_addr(&sm.full[slot])
+                                   : map_to_rank(smem_addr(&sm.full[slot]), (rank + j) % kCluster));
+      }
     }
   }
 }

@@ -198,7 +198,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
   // this lane's bytes of the warp's first row, or null when the state starts from zeros
   const unsigned char* state_source =
-      STATE_IN != kStateNone && plan.read_offset >= 0
+      plan.read_offset >= 0
           ? static_cast<const unsigned char*>(p.initial_state) + (plan.read_offset + static_cast<long long>(row0) * kHeadK + c0) * kInBytes
           : nullptr;
   // the grouped builds: every group's initial rows into the ring, one commit group per row group (empty
@@ -206,16 +206,14 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   auto stage_initial_rows = [&]() {
 #pragma unroll
     for (int group = 0; group < Cfg::kMaxGroups; ++group) {
-      if constexpr (STATE_IN != kStateNone) {
-        if (state_source != nullptr && group < groups) {
+      if (state_source != nullptr && group < groups) {
 #pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const unsigned char* src = state_source + (group * R + r) * kHeadK * kInBytes;
-            if constexpr (STATE_IN == kStateFP32) {
-              cp_async_16(ring_row(group, r), src, true);
-            } else {
-              cp_async_8(ring_row(group, r), src);
-            }
+        for (int r = 0; r < R; ++r) {
+          const unsigned char* src = state_source + (group * R + r) * kHeadK * kInBytes;
+          if constexpr (STATE_IN == kStateFP32) {
+            cp_async_16(ring_row(group, r), src, true);
+          } else {
+            cp_async_8(ring_row(group, r), src);
           }
         }
       }
@@ -245,10 +243,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float4 row = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if constexpr (STATE_IN != kStateNone) {
-        if (plan.read_offset >= 0) {
-          row = load_state4<STATE_IN>(p.initial_state, plan.read_offset + static_cast<long long>(row0 + r) * kHeadK + c0);
-        }
+      if (plan.read_offset >= 0) {
+        row = load_state4<STATE_IN>(p.initial_state, plan.read_offset + static_cast<long long>(row0 + r) * kHeadK + c0);
       }
       rows[r][0] = row.x, rows[r][1] = row.y, rows[r][2] = row.z, rows[r][3] = row.w;
     }
@@ -287,17 +283,13 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     if (writes_output(lane)) {  // four lanes, one 8-byte segment
       p.out[((bos + t) * p.num_heads + h) * kHeadV + rows0 + output_row(lane)] = __float2bfloat16_rn(o);
     }
-    if constexpr (STATE_OUT != kStateNone) {
-      if (per_token) {
-        const long long offset = token_state_offset(p, h, t, column_slot);
-        if (offset >= 0) store_rows(offset, rows0);
-      }
+    if (per_token) {  // per-token states go to a pool: final_state is set
+      const long long offset = token_state_offset(p, h, t, column_slot);
+      if (offset >= 0) store_rows(offset, rows0);
     }
   };
   auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
-    if constexpr (STATE_OUT != kStateNone) {
-      if (!per_token) store_rows(plan.write_offset, rows0);
-    }
+    if (!per_token && p.final_state != nullptr) store_rows(plan.write_offset, rows0);
   };
 
   // The second wave of loads: the initial rows (the grouped builds: into the ring, group by group, so

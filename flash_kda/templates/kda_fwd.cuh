@@ -1,8 +1,9 @@
-// flash_kda: chunked Kimi Delta Attention forward for SM90 (every gate kind: kda_gate.cuh).
+// flash_kda: chunked Kimi Delta Attention forward, sm_80 and later (every gate kind: kda_gate.cuh).
 //
 // A head's value axis is cut into kSplits slices of width VB; one CTA owns one (sequence,
-// head, V-slice), and consecutive pairs of a (sequence, head)'s slices form one thread-block
-// cluster (Config<VB>::kCluster).  The recurrent state slice S (VB value rows x 128 key
+// head, V-slice). In the clustered variant (sm_90+), consecutive pairs of a (sequence, head)'s
+// slices form one thread-block cluster (Config::kCluster); in the portable variant every CTA
+// prepares every chunk itself.  The recurrent state slice S (VB value rows x 128 key
 // columns, fp32) lives in the registers of the consumer warps as the accumulator of CuTe's
 // SM80 16x8x16 bf16 MMA atom; it is never written to memory between chunks (except into the
 // checkpoints a caller asks for).
@@ -40,15 +41,15 @@ namespace flash_kda {
 
 // ---------------------------------------------------------------- entry
 
-// Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
-template <int VB, int STATE_IN, int STATE_OUT, bool VARLEN, class Gate>
+// Cfg: the launch shape (Config<VB, CLUSTER, PRODUCER_WARPS>); Gate: the gate kind (kda_gate.cuh); both
+// named by the specialisation (spec.py).
+template <class Cfg, int STATE_IN, int STATE_OUT, bool VARLEN, class Gate>
 __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
-  static_assert(VB % 16 == 0 && kHeadV % VB == 0, "VB must divide the value head dim in 16-row slices");
-  using Cfg = Config<VB>;
+  constexpr int VB = Cfg::kVB;
   constexpr int kSplits = Cfg::kSplits;
   constexpr int kCluster = Cfg::kCluster;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  SharedStorage<VB>& sm = *reinterpret_cast<SharedStorage<VB>*>(smem_raw);
+  SharedStorage<Cfg>& sm = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
 
   // The kSplits V-slices of one (sequence, head) are consecutive blocks; each run of kCluster of
   // them is one cluster (the grid is a multiple of kSplits, so clusters never straddle heads).
@@ -78,9 +79,9 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
 
   if (threadIdx.x >= Cfg::kConsumerThreads) {
     const int ptid = threadIdx.x - Cfg::kConsumerThreads;
-    producer<VB, VARLEN, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
+    producer<Cfg, VARLEN, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
-    consumer<VB, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
+    consumer<Cfg, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
                                       threadIdx.x & 31);
   }
   // No CTA leaves while another may still write into its slots or arrive on its barriers.

@@ -14,8 +14,8 @@ constexpr int kHeadK = 128;   // key head dim
 constexpr int kHeadV = 128;   // value head dim
 constexpr int kChunk = 16;    // tokens per chunk
 
-// State storage kinds (must match flash_kda/jit/spec.py).
-constexpr int kStateNone = 0;
+// State storage kinds (must match flash_kda/jit/spec.py). Whether a call has a state at all is a run-time
+// fact: a null initial_state reads zeros, a null final_state stores nothing.
 constexpr int kStateBF16 = 1;
 constexpr int kStateFP32 = 2;
 

@@ -63,11 +63,12 @@ __device__ __forceinline__ void store_checkpoints(const KdaParams& p, int seq, i
   }
 }
 
-template <int VB, int STATE_IN, int STATE_OUT>
-__device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, const StatePlan& plan, int seq, int h, int v0,
+template <class Cfg, int STATE_IN, int STATE_OUT>
+__device__ void consumer(const KdaParams& p, SharedStorage<Cfg>& sm, const StatePlan& plan, int seq, int h, int v0,
                          long long bos, int seq_len, int num_chunks, int cw, int lane) {
-  constexpr int kSlots = Config<VB>::kSlots;
-  constexpr int kCluster = Config<VB>::kCluster;
+  constexpr int VB = Cfg::kVB;
+  constexpr int kSlots = Cfg::kSlots;
+  constexpr int kCluster = Cfg::kCluster;
   constexpr int kTiles = kStateTiles;
   const int gq = lane >> 2, tq = lane & 3;
   const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);  // ldmatrix.x4 lane addresses
@@ -80,10 +81,8 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, const StateP
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float2 val = make_float2(0.0f, 0.0f);
-      if constexpr (STATE_IN != kStateNone) {
-        if (plan.read_offset >= 0) {
-          val = load_state2<STATE_IN>(p.initial_state, plan.read_offset + fragment_index(row_lo, tq, n, hh));
-        }
+      if (plan.read_offset >= 0) {  // -1: no initial state, or has_initial_state said zeros
+        val = load_state2<STATE_IN>(p.initial_state, plan.read_offset + fragment_index(row_lo, tq, n, hh));
       }
       S[n][hh * 2] = val.x;
       S[n][hh * 2 + 1] = val.y;
@@ -162,8 +161,11 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, const StateP
     }
     // The slot is no longer needed here: tell its producing CTA (rank s % kCluster).
     if (chunk + kSlots < num_chunks) {
-      const uint32_t empty = smem_addr(&sm.empty[s]);
-      mbar_arrive(kCluster == 1 ? empty : map_to_rank(empty, s % kCluster));
+      if constexpr (kCluster == 1) {
+        mbar_arrive(&sm.empty[s]);
+      } else {
+        mbar_arrive_cluster(map_to_rank(smem_addr(&sm.empty[s]), s % kCluster));
+      }
     }
 
     // out: stage O (value rows x tokens) through shared memory, then 16-byte stores.
@@ -185,7 +187,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<VB>& sm, const StateP
     __syncwarp();
   }
 
-  if constexpr (STATE_OUT != kStateNone) store_fragment<STATE_OUT>(p.final_state, plan.write_offset, S, row_lo, tq);
+  if (p.final_state != nullptr) store_fragment<STATE_OUT>(p.final_state, plan.write_offset, S, row_lo, tq);
 }
 
 }  // namespace flash_kda

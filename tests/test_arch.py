@@ -1,0 +1,145 @@
+"""The arch table and what hangs off it, on the CPU machine: which specialisations each target gets,
+the variant switch (FLASH_KDA_KERNEL), the portable variant's PTX (nothing sm_90-only in it), and the
+precompiled headers that make compiling for every target affordable."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+import torch
+
+from flash_kda import api
+from flash_kda.jit.arch import ALL_TARGETS, ARCHS, REFERENCE_TARGET, arch_for_capability, check_target
+from flash_kda.jit.compiler import NVRTCCompiler
+from flash_kda.jit.spec import DecodeSpec, KernelSpec, all_specs, spec_state_dtypes
+from flash_kda.precompile import resolve_targets
+
+# Instructions that exist from sm_90 on; the portable variant's compute_80 PTX must have none of them.
+SM90_ONLY = ("cluster", "mapa", "try_wait", "expect_tx", "st.async", "cp.async.bulk", "fence.proxy.async")
+
+
+def test_each_capability_has_one_target_and_the_table_is_consistent():
+    capabilities = [a.capability for a in ARCHS.values()]
+    assert len(set(capabilities)) == len(capabilities)
+    for target, arch in ARCHS.items():
+        assert arch_for_capability(*arch.capability) is arch and check_target(target) is arch
+        assert arch.producer_warps in (2, 4)
+        # the clustered slot ring (8 slots) needs the big shared memory
+        assert not arch.clusters or arch.max_smem_per_block >= 200 * 1024
+    assert arch_for_capability(7, 5) is None and REFERENCE_TARGET in ARCHS
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_each_target_gets_its_variants_once(target):
+    specs = list(all_specs((target,)))
+    assert len(set(specs)) == len(specs) and {s.arch for s in specs} == {target}
+    chunked = [s for s in specs if isinstance(s, KernelSpec)]
+    decode = [s for s in specs if isinstance(s, DecodeSpec)]
+    clusters = {s.cluster for s in chunked}
+    assert clusters == ({1, 2} if ARCHS[target].clusters else {1})
+    # per (state dtypes, layout): bounded 32/64/128, the general gates 32/64 each; clustered: + 2 + 2 + 2
+    per_pair = 7 + (6 if ARCHS[target].clusters else 0)
+    # 4 state dtype pairs (bf16 / fp32 each side) x 2 layouts; the decode kernel: x 2 gates x 3 builds
+    assert len(chunked) == 8 * per_pair and len(decode) == 48
+    assert all(s.cluster == 1 for s in chunked if s.v_block == 128)
+    assert all(s.threads == (s.v_block // 16 + ARCHS[target].producer_warps) * 32 for s in chunked)
+
+
+def test_spec_cluster_defaults_to_the_most_the_arch_allows():
+    assert KernelSpec("fp32", "fp32", True, v_block=64).cluster == 2
+    assert KernelSpec("fp32", "fp32", True, v_block=64, cluster=1).name.count("_vb64_c1_") == 1
+    assert KernelSpec("fp32", "fp32", True, v_block=128).cluster == 1
+    assert KernelSpec("fp32", "fp32", True, v_block=32, arch="sm_80").cluster == 1
+    with pytest.raises(ValueError, match="cluster must be 1 for v_block=64 on sm_86"):
+        KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_86", cluster=2)
+    with pytest.raises(ValueError, match="cluster must be 1 for v_block=128"):
+        KernelSpec("fp32", "fp32", True, v_block=128, cluster=2)
+
+
+@pytest.mark.parametrize("call,kernel", [
+    (("none", "none"), ("fp32", "fp32")), (("none", "bf16"), ("bf16", "bf16")), (("bf16", "none"), ("bf16", "bf16")),
+    (("fp32", "bf16"), ("fp32", "bf16")), (("none", "fp32"), ("fp32", "fp32")),
+])
+def test_a_missing_state_runs_the_kernel_of_the_other(call, kernel):
+    assert spec_state_dtypes(*call) == kernel
+    assert api._spec(*call, False, 32, "bounded", "sm_90a").state_in == kernel[0]
+    with pytest.raises(ValueError, match="state dtypes must be in"):
+        KernelSpec("none", "fp32", True)
+
+
+def test_all_and_repeated_archs_resolve_in_table_order():
+    assert resolve_targets("all") == ALL_TARGETS
+    assert resolve_targets(["sm_86", "sm_90a", "sm_86"]) == ("sm_86", "sm_90a")
+    with pytest.raises(ValueError, match="did you mean sm_100a"):
+        resolve_targets(["sm_100"])
+    if not torch.cuda.is_available():  # no GPU visible: the reference target
+        assert resolve_targets(None) == (REFERENCE_TARGET,)
+
+
+@pytest.mark.parametrize("setting,arch,expected", [
+    ("", "sm_90a", "clustered"), ("", "sm_86", "portable"), ("portable", "sm_90a", "portable"),
+    ("Clustered ", "sm_100a", "clustered"), ("portable", "sm_80", "portable"),
+])
+def test_the_variant_switch(monkeypatch, setting, arch, expected):
+    monkeypatch.setenv("FLASH_KDA_KERNEL", setting)
+    api.chunk_variant.cache_clear()
+    monkeypatch.setattr(api, "_specs", {})
+    try:
+        assert api.chunk_variant(arch) == expected
+        spec = api._spec("fp32", "fp32", False, 64, "bounded", arch)
+        assert spec.cluster == (2 if expected == "clustered" else 1)
+    finally:
+        api.chunk_variant.cache_clear()
+
+
+@pytest.mark.parametrize("setting,exc,message", [
+    ("clustered", RuntimeError, "FLASH_KDA_KERNEL=clustered, but sm_86 runs only the portable variant"),
+    ("fast", ValueError, "FLASH_KDA_KERNEL must be one of clustered, portable"),
+])
+def test_a_variant_the_arch_cannot_run_is_refused(monkeypatch, setting, exc, message):
+    monkeypatch.setenv("FLASH_KDA_KERNEL", setting)
+    api.chunk_variant.cache_clear()
+    try:
+        with pytest.raises(exc, match=message):
+            api.chunk_variant("sm_86")
+    finally:
+        api.chunk_variant.cache_clear()
+
+
+def test_device_arch_follows_the_table(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 9))
+    assert api.device_arch.__wrapped__(0) == "sm_89"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla V100")
+    with pytest.raises(RuntimeError, match=r"Tesla V100\) has compute capability 7.0.*sm_80 \(A100"):
+        api.device_arch.__wrapped__(0)
+
+
+@pytest.mark.parametrize("spec", [
+    KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_80"),
+    KernelSpec("bf16", "bf16", False, v_block=32, gate="softplus", arch="sm_80"),
+    KernelSpec("bf16", "fp32", True, v_block=128, gate="bounded", arch="sm_80"),
+    DecodeSpec("fp32", "bf16", True, build="token_outer", arch="sm_80"),
+], ids=lambda s: s.name)
+def test_portable_ptx_has_nothing_sm90_only(spec):
+    """The compute_80 PTX of the portable variant (the GPU suite also runs it through the driver's JIT
+    on the H100: test_gpu_portable.py)."""
+    ptx = NVRTCCompiler()._compile(spec, ptx=True, verbose=False)[0].decode(errors="replace")
+    assert re.search(r"^\.target sm_80\b", ptx, re.M), ptx[:400]
+    leaked = [word for word in SM90_ONLY if word in ptx]
+    assert not leaked, f"{spec.name}: sm_90-only instructions in the portable PTX: {leaked}"
+
+
+def test_the_clustered_ptx_does_use_them():  # the check above can see what it looks for
+    ptx = NVRTCCompiler()._compile(KernelSpec("fp32", "fp32", True, v_block=64), ptx=True, verbose=False)[0]
+    assert all(word.encode() in ptx for word in ("mapa", "try_wait", "cp.async.bulk", "st.async", "expect_tx"))
+
+
+def test_precompiled_headers_do_not_change_the_cubin(monkeypatch):
+    spec = DecodeSpec("bf16", "bf16", False, build="streamed", arch="sm_89")
+    digests = []
+    for setting in ("0", "1", "1"):  # without; building the PCH; using it
+        monkeypatch.setenv("FLASH_KDA_JIT_PCH", setting)
+        digests.append(hashlib.sha256(NVRTCCompiler()._compile(spec, ptx=False, verbose=False)[0]).hexdigest())
+    assert len(set(digests)) == 1
