@@ -65,13 +65,9 @@ def checkpoints_for(lengths: list[int], device="cuda") -> torch.Tensor:
 @contextlib.contextmanager
 def kernel_variant(name: str):
     """Calls inside run the chunked kernel's ``name`` variant (as FLASH_KDA_KERNEL would select it)."""
-    def reset():
-        api.chunk_variant.cache_clear()
-        api._specs.clear()
-        api._launchers.clear()
     previous = os.environ.get("FLASH_KDA_KERNEL")
     os.environ["FLASH_KDA_KERNEL"] = name
-    reset()
+    api.reset_variant()
     try:
         yield
     finally:
@@ -79,7 +75,7 @@ def kernel_variant(name: str):
             del os.environ["FLASH_KDA_KERNEL"]
         else:
             os.environ["FLASH_KDA_KERNEL"] = previous
-        reset()
+        api.reset_variant()
 
 
 def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):

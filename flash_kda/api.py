@@ -50,6 +50,8 @@ def _sm_count(device_index: int) -> int:
 def _v_block_thresholds(device_index: int) -> tuple[int, int]:
     """The fewest (sequence, head) pairs for which ``choose_v_block`` picks 128 and 64."""
     sms = _sm_count(device_index)
+    if chunk_variant(device_arch(device_index)) == "portable":
+        return sms // 2 + 1, sms // 4 + 1  # 2 * units > sms; 4 * units > sms
     return -(-sms * 7 // 2), sms // 4 + 1  # units*2 >= sms*7; units*4 > sms
 
 
@@ -80,11 +82,13 @@ def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_un
 def choose_v_block(units: int, device_index: int) -> int:
     """V-slice width per CTA for ``units`` (sequence, head) pairs.
 
-    A width of 32 or 64 runs 4 or 2 CTAs per pair, in clusters of two that share each chunk's
-    preparation; a pair of 64-wide CTAs steps through a chunk about twice as fast as one
-    128-wide CTA, so 64 wins until the pairs alone fill the SMs several times over (units >=
-    3.5 * SMs), and 32 wins while all four slices of every pair fit at once (4 * units <= SMs).
-    The thresholds come from the H100 sweep in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
+    A width of 32 or 64 runs 4 or 2 CTAs per pair. In the clustered variant they form clusters of
+    two that share each chunk's preparation; a pair of 64-wide CTAs steps through a chunk about twice
+    as fast as one 128-wide CTA, so 64 wins until the pairs alone fill the SMs several times over
+    (units >= 3.5 * SMs), and 32 wins while all four slices of every pair fit at once (4 * units <=
+    SMs). In the portable variant every CTA prepares every chunk itself, so a narrower slice only
+    pays while its CTAs fit in one wave: 32 while 4 * units <= SMs, 64 while 2 * units <= SMs, else
+    128. The thresholds come from the H100 sweeps in benchmarks/bench_fwd.py (BENCHMARK_H100.md)."""
     t128, t64 = _v_block_thresholds(device_index)
     return 128 if units >= t128 else 64 if units >= t64 else 32
 
@@ -106,6 +110,15 @@ def chunk_variant(arch: str) -> str:
                            "(no thread-block clusters, or too little shared memory for their slot ring: "
                            "flash_kda/jit/arch.py); unset it or set it to portable")
     return choice
+
+
+def reset_variant() -> None:
+    """Forget the variant read from FLASH_KDA_KERNEL and what was picked with it (for tests and
+    benchmarks that switch it within one process)."""
+    chunk_variant.cache_clear()
+    _v_block_thresholds.cache_clear()
+    _specs.clear()
+    _launchers.clear()
 
 
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, arch: str) -> AnySpec:

@@ -83,14 +83,13 @@ def test_all_and_repeated_archs_resolve_in_table_order():
 ])
 def test_the_variant_switch(monkeypatch, setting, arch, expected):
     monkeypatch.setenv("FLASH_KDA_KERNEL", setting)
-    api.chunk_variant.cache_clear()
-    monkeypatch.setattr(api, "_specs", {})
+    api.reset_variant()
     try:
         assert api.chunk_variant(arch) == expected
         spec = api._spec("fp32", "fp32", False, 64, "bounded", arch)
         assert spec.cluster == (2 if expected == "clustered" else 1)
     finally:
-        api.chunk_variant.cache_clear()
+        api.reset_variant()
 
 
 @pytest.mark.parametrize("setting,exc,message", [
@@ -99,12 +98,12 @@ def test_the_variant_switch(monkeypatch, setting, arch, expected):
 ])
 def test_a_variant_the_arch_cannot_run_is_refused(monkeypatch, setting, exc, message):
     monkeypatch.setenv("FLASH_KDA_KERNEL", setting)
-    api.chunk_variant.cache_clear()
+    api.reset_variant()
     try:
         with pytest.raises(exc, match=message):
             api.chunk_variant("sm_86")
     finally:
-        api.chunk_variant.cache_clear()
+        api.reset_variant()
 
 
 def test_device_arch_follows_the_table(monkeypatch):

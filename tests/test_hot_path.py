@@ -236,15 +236,21 @@ def test_v_block_follows_the_thresholds(device, units, v_block):
     assert spec.v_block == v_block and blocks == units * spec.splits
 
 
-def test_choose_v_block_keeps_the_sweep_rule(monkeypatch):
-    api._v_block_thresholds.cache_clear()
+@pytest.mark.parametrize("variant", ["clustered", "portable"])
+def test_choose_v_block_keeps_the_sweep_rule(monkeypatch, variant):
+    monkeypatch.setenv("FLASH_KDA_KERNEL", variant)
+    api.reset_variant()
     monkeypatch.setattr(api, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
     try:
         for units in range(1, 600):
-            expected = 128 if units * 2 >= 132 * 7 else 32 if units * 4 <= 132 else 64
+            if variant == "clustered":
+                expected = 128 if units * 2 >= 132 * 7 else 32 if units * 4 <= 132 else 64
+            else:  # the narrowest width whose CTAs fit in one wave
+                expected = 32 if units * 4 <= 132 else 64 if units * 2 <= 132 else 128
             assert api.choose_v_block(units, 99) == expected
     finally:
-        api._v_block_thresholds.cache_clear()
+        api.reset_variant()
 
 
 def test_bad_v_block_is_refused_before_launch(device):

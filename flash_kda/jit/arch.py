@@ -19,8 +19,11 @@ class Arch:
     validated: str                # where it ran here: a GPU, or "compile-checked only" (README support table)
     # FLASH_KDA_JIT_CHECK_SPILLS: the local-memory spill (bytes, stores or loads) a kernel may show here.
     # 0 but on Blackwell, whose ptxas spills up to 44 bytes in the general gates' chunk producers (255
-    # registers a thread; sm_90a's fits them) and 8 in the decode kernel's fp32 streamed build on sm_12x.
+    # registers a thread; sm_90a's fits them).
     max_spill_bytes: int = 0
+    # The decode kernel's streamed build: 5 CTAs an SM (96 registers) where it was measured (sm_90a); 4
+    # (128) elsewhere, where ptxas spills at 96 (sm_86, sm_120a, sm_121a).
+    streamed_decode_ctas_per_sm: int = 4
 
 
 _KB = 1024
@@ -29,7 +32,8 @@ ARCHS: dict[str, Arch] = {arch.target: arch for arch in (
     Arch("sm_80", (8, 0), False, 163 * _KB, 4, "A100, A800, A30", "compile-checked only"),
     Arch("sm_86", (8, 6), False, 99 * _KB, 2, "A10, A40, RTX A6000, RTX 30", "compile-checked only"),
     Arch("sm_89", (8, 9), False, 99 * _KB, 2, "L4, L40S, RTX 6000 Ada, RTX 40", "compile-checked only"),
-    Arch("sm_90a", (9, 0), True, 227 * _KB, 4, "H100, H200, H800, H20", "H100 (both variants)"),
+    Arch("sm_90a", (9, 0), True, 227 * _KB, 4, "H100, H200, H800, H20", "H100 (both variants)",
+         streamed_decode_ctas_per_sm=5),
     Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", max_spill_bytes=48),
     Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", max_spill_bytes=48),
     Arch("sm_120a", (12, 0), False, 99 * _KB, 2, "RTX PRO 6000 Blackwell, RTX 50", "compile-checked only",

@@ -40,7 +40,10 @@ V_BLOCKS = (32, 64, 128)
 ANCHORED_V_BLOCKS = (32, 64)
 HEAD_DIM = 128
 # The token-by-token kernel's builds (templates/kda_decode.cuh, kOneGroup / kStreamed / kTokenOuter), with the
-# CTAs an SM each is built for (its launch bounds, measured: DecodeConfig::kCtasPerSm).
+# CTAs an SM each is built for (its launch bounds), measured on the H100 (benchmarks/NOTES.md, "Serving path,
+# round 5"): the one-group build fits in 72 registers (7 CTAs an SM); the streamed build runs one-token steps
+# best at 5 (96 registers; Arch.streamed_decode_ctas_per_sm may lower it); the token-outer build (a 32 KB fp32
+# ring and a 3.3 KB stage a CTA) fits in 80, and verify runs best with all 6 resident.
 DECODE_BUILDS = {"one_group": 7, "streamed": 5, "token_outer": 6}
 DECODE_THREADS = 128
 DECODE_ROWS_PER_GROUP = 4  # templates/kda_decode.cuh, DecodeConfig::kRows
@@ -219,7 +222,9 @@ class DecodeSpec(_SpecBase):
 
     @property
     def min_blocks_per_sm(self) -> int:  # type: ignore[override]
-        """CTAs per SM the launch bounds ask for (registers: see DecodeConfig in kda_decode.cuh)."""
+        """CTAs per SM the launch bounds ask for (registers: DECODE_BUILDS and the arch table)."""
+        if self.build == "streamed":
+            return min(DECODE_BUILDS["streamed"], check_target(self.arch).streamed_decode_ctas_per_sm)
         return DECODE_BUILDS[self.build]
 
     @property
@@ -240,8 +245,7 @@ class DecodeSpec(_SpecBase):
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
-            f"flash_kda::DecodeConfig::kMaxCtasPerHead == {self.splits} && "
-            f"flash_kda::DecodeConfig::kCtasPerSm<{build}> == {self.min_blocks_per_sm}, "
+            f"flash_kda::DecodeConfig::kMaxCtasPerHead == {self.splits}, "
             f'"spec.py and the template disagree on the launch shape");\n')
 
 

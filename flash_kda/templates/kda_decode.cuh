@@ -35,12 +35,8 @@ struct DecodeConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMaxCtasPerHead = kHeadV / (kRows * kWarps);  // 8: one group per warp
-  // __launch_bounds__ (spec.py), measured per build (benchmarks/NOTES.md, "Serving path, round 5"): the
-  // one-group build fits in 72 registers (7 CTAs an SM); the streamed build runs one-token steps best at
-  // 5 CTAs an SM (96 registers); the token-outer build (a 32 KB fp32 ring and a 3.3 KB stage a CTA)
-  // fits in 80 and verify runs best with all 6 CTAs. No variant spills (-Xptxas -v).
-  template <int BUILD>
-  static constexpr int kCtasPerSm = BUILD == kOneGroup ? 7 : BUILD == kStreamed ? 5 : 6;
+  // The CTAs an SM each build is compiled for (__launch_bounds__) are set per build and arch in
+  // spec.py (DECODE_BUILDS, Arch.streamed_decode_ctas_per_sm), as measured on the H100.
 };
 
 // One token's quantities a warp needs, whatever rows it updates (docs/algorithm.md, section 1):
