@@ -4,8 +4,9 @@ Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floo
 V-slice sweep, the portable variant (FLASH_KDA_KERNEL=portable) beside the default and FLA, the
 serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the bounded gate, and
 FLA's softplus path), the host cost per call and the first-call costs.
-Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick]
-(--quick: the main table only, with plain calls, so that it can time an older flash_kda too)."""
+Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick | --portable]
+(--quick: the main table only, with plain calls, so that it can time an older flash_kda too;
+--portable: the main table and the portable variant's)."""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,7 @@ def kernel_variant(name: str):
         api.reset_variant()
 
 
-def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
+def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False, portable_only: bool = False):
     inp = make_inputs(B, T, H, seed=0)
     inp["A_log"] = torch.rand(H, device="cuda")
     inp["dt_bias"] = torch.rand(H, 128, device="cuda")
@@ -99,14 +100,15 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False):
                                      cu_seqlens=cu, v_block=vb, **serving)
 
     default = time_ms(ours(), reps=reps)
-    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS} if not quick else {}
-    strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
-    checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
-        float("nan")
     portable = {}
     if not quick:
         with kernel_variant("portable"):
             portable = {vb: time_ms(ours(vb), reps=reps) for vb in (None, *V_BLOCKS)}
+    quick = quick or portable_only
+    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS} if not quick else {}
+    strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
+    checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
+        float("nan")
     def fla_call(lower_bound):
         return lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, inp["A_log"],
                                      inp["dt_bias"], lower_bound, initial_state=h0, cu_seqlens=cu)
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="the main table only (plain calls)")
+    parser.add_argument("--portable", action="store_true", help="the main table and the portable variant's")
     args = parser.parse_args()
     with_fla = not args.no_fla
     props = torch.cuda.get_device_properties(0)
@@ -167,7 +170,7 @@ def main() -> None:
     rows, sweeps, serving, gates, portables = [], [], [], [], []
     for name, B, T, H, lens, target in CASES:
         ours, sweep, fla, floor, strided, checkpointed, gate_times, portable = bench_case(
-            B, T, H, lens, with_fla, args.reps, args.quick)
+            B, T, H, lens, with_fla, args.reps, args.quick, args.portable)
         rows.append((name, ours, fla, target, floor))
         sweeps.append((name, sweep))
         serving.append((name, ours, strided, checkpointed))
@@ -184,12 +187,6 @@ def main() -> None:
               if fla else f"| {name} | {ours:.3f} | — | — | ≥ {target}× | — | {floor / ours:.2f} |")
     if args.quick:
         return
-    print("\nV-slice sweep (ours, ms per call, by CTA V width):\n")
-    print("| case | " + " | ".join(f"v_block {vb}" for vb in V_BLOCKS) + " |")
-    print("|---|" + "---:|" * len(V_BLOCKS))
-    for name, sweep in sweeps:
-        print(f"| {name} | " + " | ".join(f"{sweep[vb]:.3f}" for vb in V_BLOCKS) + " |")
-
     print(f"\nThe portable variant (FLASH_KDA_KERNEL=portable: no clusters; ms) beside the default and FLA, same "
           f"process; target ≥ {PORTABLE_VS_FLA}× faster than FLA. Its own V-slice sweep on the right:\n")
     print("| case | default | portable | portable/default | FLA | FLA/portable | pass | "
@@ -201,6 +198,14 @@ def main() -> None:
         print(f"| {name} | {ours:.3f} | {portable[None]:.3f} | {portable[None] / ours:.3f} | "
               f"{f'{fla:.3f}' if fla else '—'} | {ratio:.2f}× | {verdict} | "
               + " | ".join(f"{portable[vb]:.3f}" for vb in V_BLOCKS) + " |")
+
+    if args.portable:
+        return
+    print("\nV-slice sweep (ours, ms per call, by CTA V width):\n")
+    print("| case | " + " | ".join(f"v_block {vb}" for vb in V_BLOCKS) + " |")
+    print("|---|" + "---:|" * len(V_BLOCKS))
+    for name, sweep in sweeps:
+        print(f"| {name} | " + " | ".join(f"{sweep[vb]:.3f}" for vb in V_BLOCKS) + " |")
 
     print("\nServing inputs on the same rows (ms): strided q/k/v/g/beta (slices of a fused projection, no copies;"
           " target ≤ 1.05× contiguous) and two checkpoints per sequence (target ≤ 1.03× without):\n")

@@ -18,8 +18,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", help="target arch or 'all' (repeatable)")
     archs = parser.parse_args().arch
-    samples = [KernelSpec("fp32", "fp32", False, v_block=128), KernelSpec("bf16", "fp32", True, v_block=64),
-               KernelSpec("bf16", "bf16", False, v_block=32, gate="softplus")]
+    samples = [KernelSpec("fp32", "fp32", v_block=128), KernelSpec("bf16", "fp32", v_block=64),
+               KernelSpec("bf16", "bf16", v_block=32, gate="softplus")]
     print(f"CPU cores: {os.cpu_count()}\n")
     print("| compiler | seconds per specialisation (median of 3 specs) |")
     print("|---|---:|")

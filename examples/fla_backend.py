@@ -6,7 +6,7 @@ import torch
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU (compute capability 9.0) and fla-core")
+        print("needs a CUDA GPU (compute capability 8.0 or later: python -m flash_kda info) and fla-core")
         return
     from fla.ops.kda import chunk_kda
     logging.basicConfig(level=logging.INFO)  # FLA logs "[FLA Backend] ... -> flash_kda"

@@ -1,7 +1,8 @@
 """Quickstart: run KDA on a GPU and check it against the float64 reference.
 
-Without a GPU it compiles the kernels for sm_90a (what a deployment image would bake) and
-runs the reference on the CPU, saying so."""
+Without a supported GPU it compiles the kernels for sm_90a (what a deployment image for H100s would
+bake; `python -m flash_kda precompile --arch all` bakes every target) and runs the reference on the
+CPU, saying so."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import time
 import torch
 
 import flash_kda
+from flash_kda.jit.arch import REFERENCE_TARGET, arch_for_capability
 from flash_kda.reference import kda_reference
 
 
@@ -23,7 +25,7 @@ def inputs(device: str, B: int = 2, T: int = 300, H: int = 4):
 
 
 def main() -> None:
-    on_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    on_gpu = torch.cuda.is_available() and arch_for_capability(*torch.cuda.get_device_capability()) is not None
     device = "cuda" if on_gpu else "cpu"
     q, k, v, g, beta, A_log, dt_bias, h0 = inputs(device)
     scale = 128 ** -0.5
@@ -38,9 +40,9 @@ def main() -> None:
         ok = err_o < 5e-3 and err_s < 5e-3
         print("OK" if ok else "FAILED")
         raise SystemExit(0 if ok else 1)
-    print("No compute-capability-9.0 GPU here: compiling every kernel for sm_90a and running the reference on CPU.")
+    print(f"No supported GPU here: compiling every kernel for {REFERENCE_TARGET} and running the reference on CPU.")
     start = time.perf_counter()
-    entries = flash_kda.precompile(archs=("sm_90a",))
+    entries = flash_kda.precompile(archs=(REFERENCE_TARGET,))
     print(f"compiled/cached {len(entries)} kernel specialisations in {time.perf_counter() - start:.1f} s "
           f"into {entries[0].path.parent.parent}")
     print(f"reference on CPU: out {tuple(ref_out.shape)} |out| mean {ref_out.abs().mean():.4f}, "

@@ -6,13 +6,14 @@
    the next step starts from the slot of the last accepted token (num_accepted_tokens);
 4. a prefix checkpoint taken during a prefill, then resumed by a new request that shares the prefix.
 
-Each step is checked against the float64 token recurrence. Needs a compute-capability-9.0 GPU.
+Each step is checked against the float64 token recurrence. Needs a GPU flash_kda supports (python -m flash_kda info).
 Usage: python examples/serving.py"""
 from __future__ import annotations
 
 import torch
 
 import flash_kda
+from flash_kda.jit.arch import arch_for_capability
 from flash_kda.reference import kda_reference
 
 H, K = 4, 128
@@ -100,8 +101,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
-        raise SystemExit("examples/serving.py needs a compute-capability-9.0 GPU (H100/H200)")
+    if not (torch.cuda.is_available() and arch_for_capability(*torch.cuda.get_device_capability()) is not None):
+        raise SystemExit("examples/serving.py needs a GPU flash_kda supports (python -m flash_kda info lists them)")
     gen = torch.Generator().manual_seed(0)
     A_LOG = torch.rand(H, generator=gen).cuda()
     DT_BIAS = torch.rand(H, K, generator=gen).cuda()

@@ -8,7 +8,7 @@ import flash_kda
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU (compute capability 9.0)")
+        print("needs a CUDA GPU (compute capability 8.0 or later: python -m flash_kda info)")
         return
     T, H = 1000, 4
     q, k, g = (torch.randn(1, T, H, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -6,7 +6,7 @@ import flash_kda
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU (compute capability 9.0)")
+        print("needs a CUDA GPU (compute capability 8.0 or later: python -m flash_kda info)")
         return
     lengths = [300, 17, 0, 1024, 5]               # an empty sequence is fine
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int32)

@@ -60,7 +60,7 @@ def _decode_one_wave_units(device_index: int) -> tuple[int, int]:
     """The most (sequence, head) pairs whose decode CTAs are all resident at once: with 8 CTAs per
     head (the one-group build), and with 4 (the token-outer build, for multi-token steps)."""
     sms = _sm_count(device_index)
-    one_group, token_outer = DecodeSpec("fp32", "fp32", False), DecodeSpec("fp32", "fp32", False, build="token_outer")
+    one_group, token_outer = DecodeSpec("fp32", "fp32"), DecodeSpec("fp32", "fp32", build="token_outer")
     return one_group.min_blocks_per_sm * sms // one_group.splits, token_outer.min_blocks_per_sm * sms // 4
 
 
@@ -129,7 +129,7 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, 
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
                                          build=_DECODE_BUILD_OF[v_block], gate=gate)
                               if v_block <= DECODE else
-                              KernelSpec(state_in=state_in, state_out=state_out, varlen=varlen, v_block=v_block,
+                              KernelSpec(state_in=state_in, state_out=state_out, v_block=v_block,
                                          arch=arch, gate=gate,
                                          cluster=None if chunk_variant(arch) == "clustered" else 1))
     return spec

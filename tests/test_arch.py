@@ -40,21 +40,21 @@ def test_each_target_gets_its_variants_once(target):
     assert clusters == ({1, 2} if ARCHS[target].clusters else {1})
     # per (state dtypes, layout): bounded 32/64/128, the general gates 32/64 each; clustered: + 2 + 2 + 2
     per_pair = 7 + (6 if ARCHS[target].clusters else 0)
-    # 4 state dtype pairs (bf16 / fp32 each side) x 2 layouts; the decode kernel: x 2 gates x 3 builds
-    assert len(chunked) == 8 * per_pair and len(decode) == 48
+    # 4 state dtype pairs (bf16 / fp32 each side); the decode kernel: x 2 gates x 3 builds x 2 layouts
+    assert len(chunked) == 4 * per_pair and len(decode) == 48
     assert all(s.cluster == 1 for s in chunked if s.v_block == 128)
     assert all(s.threads == (s.v_block // 16 + ARCHS[target].producer_warps) * 32 for s in chunked)
 
 
 def test_spec_cluster_defaults_to_the_most_the_arch_allows():
-    assert KernelSpec("fp32", "fp32", True, v_block=64).cluster == 2
-    assert KernelSpec("fp32", "fp32", True, v_block=64, cluster=1).name.count("_vb64_c1_") == 1
-    assert KernelSpec("fp32", "fp32", True, v_block=128).cluster == 1
-    assert KernelSpec("fp32", "fp32", True, v_block=32, arch="sm_80").cluster == 1
+    assert KernelSpec("fp32", "fp32", v_block=64).cluster == 2
+    assert KernelSpec("fp32", "fp32", v_block=64, cluster=1).name.count("_vb64_c1_") == 1
+    assert KernelSpec("fp32", "fp32", v_block=128).cluster == 1
+    assert KernelSpec("fp32", "fp32", v_block=32, arch="sm_80").cluster == 1
     with pytest.raises(ValueError, match="cluster must be 1 for v_block=64 on sm_86"):
-        KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_86", cluster=2)
+        KernelSpec("fp32", "fp32", v_block=64, arch="sm_86", cluster=2)
     with pytest.raises(ValueError, match="cluster must be 1 for v_block=128"):
-        KernelSpec("fp32", "fp32", True, v_block=128, cluster=2)
+        KernelSpec("fp32", "fp32", v_block=128, cluster=2)
 
 
 @pytest.mark.parametrize("call,kernel", [
@@ -65,7 +65,7 @@ def test_a_missing_state_runs_the_kernel_of_the_other(call, kernel):
     assert spec_state_dtypes(*call) == kernel
     assert api._spec(*call, False, 32, "bounded", "sm_90a").state_in == kernel[0]
     with pytest.raises(ValueError, match="state dtypes must be in"):
-        KernelSpec("none", "fp32", True)
+        KernelSpec("none", "fp32")
 
 
 def test_all_and_repeated_archs_resolve_in_table_order():
@@ -116,10 +116,10 @@ def test_device_arch_follows_the_table(monkeypatch):
 
 
 @pytest.mark.parametrize("spec", [
-    KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_80"),
-    KernelSpec("bf16", "bf16", False, v_block=32, gate="softplus", arch="sm_80"),
-    KernelSpec("bf16", "fp32", True, v_block=128, gate="bounded", arch="sm_80"),
-    DecodeSpec("fp32", "bf16", True, build="token_outer", arch="sm_80"),
+    KernelSpec("fp32", "fp32", v_block=64, arch="sm_80"),
+    KernelSpec("bf16", "bf16", v_block=32, gate="softplus", arch="sm_80"),
+    KernelSpec("bf16", "fp32", v_block=128, gate="bounded", arch="sm_80"),
+    DecodeSpec("fp32", "bf16", build="token_outer", arch="sm_80", varlen=True),
 ], ids=lambda s: s.name)
 def test_portable_ptx_has_nothing_sm90_only(spec):
     """The compute_80 PTX of the portable variant (the GPU suite also runs it through the driver's JIT
@@ -131,12 +131,12 @@ def test_portable_ptx_has_nothing_sm90_only(spec):
 
 
 def test_the_clustered_ptx_does_use_them():  # the check above can see what it looks for
-    ptx = NVRTCCompiler()._compile(KernelSpec("fp32", "fp32", True, v_block=64), ptx=True, verbose=False)[0]
+    ptx = NVRTCCompiler()._compile(KernelSpec("fp32", "fp32", v_block=64), ptx=True, verbose=False)[0]
     assert all(word.encode() in ptx for word in ("mapa", "try_wait", "cp.async.bulk", "st.async", "expect_tx"))
 
 
 def test_precompiled_headers_do_not_change_the_cubin(monkeypatch):
-    spec = DecodeSpec("bf16", "bf16", False, build="streamed", arch="sm_89")
+    spec = DecodeSpec("bf16", "bf16", build="streamed", arch="sm_89")
     digests = []
     for setting in ("0", "1", "1"):  # without; building the PCH; using it
         monkeypatch.setenv("FLASH_KDA_JIT_PCH", setting)

@@ -18,7 +18,7 @@ from flash_kda.jit.compiler import NVRTCCompiler
 
 from cache_helpers import IS_ROOT, env, read_only_view
 
-SPEC_ARGS = "'bf16', 'fp32', False, v_block=128"
+SPEC_ARGS = "'bf16', 'fp32', v_block=128"
 
 BUILD_ONE = textwrap.dedent(f"""
     import sys
@@ -40,7 +40,7 @@ def test_eight_processes_racing_on_one_entry_compile_it_once(tmp_path):
 
 
 def test_a_killed_lock_holder_does_not_block_anyone(tmp_path):
-    spec = KernelSpec("bf16", "fp32", False, v_block=128)
+    spec = KernelSpec("bf16", "fp32", v_block=128)
     comp = NVRTCCompiler()
     cache = KernelCache(tmp_path)
     lock_path = cache.entry_path(spec, cache_key(spec, comp.identity(spec), comp.header_digest())).with_suffix(".lock")
@@ -63,7 +63,7 @@ def test_a_killed_lock_holder_does_not_block_anyone(tmp_path):
 
 def test_read_only_cache_dir_serves_hits_and_falls_back_for_misses(tmp_path):
     src = tmp_path / "baked"
-    build(KernelSpec("bf16", "fp32", False, v_block=128), cache=KernelCache(src), compiler=NVRTCCompiler())
+    build(KernelSpec("bf16", "fp32", v_block=128), cache=KernelCache(src), compiler=NVRTCCompiler())
     private = tmp_path / "tmp"
     private.mkdir()
     script = textwrap.dedent(f"""
@@ -74,7 +74,7 @@ def test_read_only_cache_dir_serves_hits_and_falls_back_for_misses(tmp_path):
         cache = KernelCache(sys.argv[1])
         _, path, compiled = build(KernelSpec({SPEC_ARGS}), cache=cache, compiler=NVRTCCompiler())
         print("hit", compiled, path.is_relative_to(sys.argv[1]))
-        _, path, compiled = build(KernelSpec('bf16', 'fp32', True, v_block=32), cache=cache, compiler=NVRTCCompiler())
+        _, path, compiled = build(KernelSpec('bf16', 'fp32', v_block=32), cache=cache, compiler=NVRTCCompiler())
         print("miss", compiled, path.is_relative_to(sys.argv[1]), path.is_relative_to(sys.argv[2]))
     """)
     with read_only_view(src, tmp_path / "ro") as ro:
@@ -89,12 +89,12 @@ def test_read_only_cache_dir_serves_hits_and_falls_back_for_misses(tmp_path):
 
 def test_a_cache_precompiled_elsewhere_works_when_copied(tmp_path):
     import flash_kda
-    spec = KernelSpec("fp32", "bf16", True, v_block=64)
+    spec = KernelSpec("fp32", "bf16", v_block=64)
     flash_kda.precompile(cache_dir=tmp_path / "build", specs=[spec], compiler="nvrtc", workers=1)
     shutil.copytree(tmp_path / "build", tmp_path / "image")
     cubin, path, compiled = build(spec, cache=KernelCache(tmp_path / "image"), compiler=NVRTCCompiler(),
                                   allow_build=False)
     assert not compiled and path.is_relative_to(tmp_path / "image")
     with pytest.raises(CacheMissError):
-        build(KernelSpec("bf16", "bf16", True, v_block=64), cache=KernelCache(tmp_path / "image"),
+        build(KernelSpec("bf16", "bf16", v_block=64), cache=KernelCache(tmp_path / "image"),
               compiler=NVRTCCompiler(), allow_build=False)

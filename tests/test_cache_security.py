@@ -31,8 +31,8 @@ from flash_kda.jit.compiler import NVRTCCompiler
 
 from cache_helpers import OTHER_UID, THIRD_UID, FakeCompiler, env, needs_root, python, run_as
 
-SPEC = KernelSpec("fp32", "fp32", True, v_block=64)
-OTHER = KernelSpec("bf16", "bf16", False, v_block=32)
+SPEC = KernelSpec("fp32", "fp32", v_block=64)
+OTHER = KernelSpec("bf16", "bf16", v_block=32)
 TESTS = Path(__file__).resolve().parent
 
 
@@ -292,10 +292,10 @@ HIT_IN_READ_ONLY_WORLD = textwrap.dedent("""
     except FileNotFoundError:
         print("no writable temporary directory")
     cache = KernelCache(sys.argv[1])
-    data, path, compiled = build(KernelSpec("fp32", "fp32", True, v_block=64), cache=cache, compiler=FakeCompiler())
+    data, path, compiled = build(KernelSpec("fp32", "fp32", v_block=64), cache=cache, compiler=FakeCompiler())
     print("hit" if not compiled and data.endswith(b" baked") else "NOT A HIT")
     try:
-        build(KernelSpec("bf16", "bf16", False, v_block=32), cache=cache, compiler=FakeCompiler())
+        build(KernelSpec("bf16", "bf16", v_block=32), cache=cache, compiler=FakeCompiler())
     except CacheWriteError as exc:
         print("miss:", exc)
 """)
@@ -410,7 +410,7 @@ TWO_PROCESS_LOOKUPS = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from cache_helpers import FakeCompiler
     from flash_kda.jit import KernelCache, KernelSpec, build
-    for spec in [KernelSpec("fp32", "fp32", True, v_block=64), KernelSpec("bf16", "bf16", False, v_block=32)] * 2:
+    for spec in [KernelSpec("fp32", "fp32", v_block=64), KernelSpec("bf16", "bf16", v_block=32)] * 2:
         build(spec, cache=KernelCache(sys.argv[1]), compiler=FakeCompiler())
 """)
 

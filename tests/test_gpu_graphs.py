@@ -56,7 +56,7 @@ def test_first_call_inside_capture_explains_itself():
     final = torch.empty(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
     from flash_kda import jit
     from flash_kda.jit.spec import KernelSpec
-    jit._loaded.pop((KernelSpec("bf16", "bf16", False, v_block=32), 0), None)  # as in a fresh process
+    jit._loaded.pop((KernelSpec("bf16", "bf16", v_block=32), 0), None)  # as in a fresh process
     api._launchers.clear()  # fwd's own cache of loaded kernels
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="during CUDA graph capture"):

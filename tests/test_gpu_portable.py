@@ -5,6 +5,7 @@ portable variant runs the whole GPU suite under FLASH_KDA_KERNEL=portable."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -60,3 +61,18 @@ def test_compute_80_ptx_runs_on_this_gpu(ptx_kernels, decode_ctas, lower_bound, 
                                        inp["A_log"], inp["dt_bias"], lower_bound, initial_state=h0)
     assert ptx_kernels and all(spec.arch == "sm_80" for spec in ptx_kernels)
     assert rel_rms(out, ref_out) <= TOL and rel_rms(final, ref_state) <= TOL
+
+
+def test_the_variant_in_use_is_the_one_asked_for():
+    """The suite runs once as is and once under FLASH_KDA_KERNEL=portable: this says which one ran (the
+    64-wide chunked kernel is a pair of clustered CTAs, or a single CTA in the portable variant)."""
+    api.reset_variant()
+    inp = make_inputs(1, 32, 2, seed=5)
+    out = torch.empty_like(inp["v"])
+    flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
+                  inp["dt_bias"], -5.0, v_block=64)
+    (kernel, _), = api._launchers.values()
+    variant = api.chunk_variant(api.device_arch(0))
+    expected = os.environ.get("FLASH_KDA_KERNEL", "").strip().lower() or "clustered"
+    assert variant == expected and kernel.spec.cluster == (2 if variant == "clustered" else 1)
+    print(f"chunked kernel variant in use: {variant} ({kernel.spec.name})")

@@ -191,7 +191,7 @@ def test_fwd_packs_pointers_sizes_and_scalars(device):
     assert p["cu_seqlens"] is None and p["cu_seqlens_int64"] == 0
     assert (p["total_tokens"], p["seq_len"], p["num_heads"], p["num_seqs"]) == (64, 32, 3, 2)
     assert p["scale"] == pytest.approx(0.1) and p["lower_bound"] == -5.0
-    assert (spec.state_in, spec.state_out, spec.varlen, spec.v_block) == ("fp32", "bf16", False, 32)
+    assert (spec.state_in, spec.state_out, spec.v_block) == ("fp32", "bf16", 32)
     assert blocks == 2 * 3 * spec.splits and stream == "stream"
 
 
@@ -206,7 +206,7 @@ def test_varlen_packs_offsets_and_their_width(device, dtype, flag):
     assert p["cu_seqlens"] == args["cu_seqlens"].data_ptr() and p["cu_seqlens_int64"] == flag
     assert p["initial_state"] == p["final_state"] == args["initial_state"].data_ptr()
     assert (p["total_tokens"], p["num_seqs"]) == (16, 2)
-    assert (spec.state_in, spec.state_out, spec.varlen, spec.v_block) == ("fp32", "fp32", True, 64)
+    assert (spec.state_in, spec.state_out, spec.v_block) == ("fp32", "fp32", 64)
     assert blocks == 2 * 2 * 2
 
 

@@ -23,7 +23,7 @@ from flash_kda.jit.spec import KERNEL_NAME, DecodeSpec
 from cache_helpers import FakeCompiler as CountingCompiler
 
 ALL_SPECS = list(all_specs(ALL_TARGETS))
-SMALL = KernelSpec(state_in="fp32", state_out="fp32", varlen=True, v_block=64)
+SMALL = KernelSpec(state_in="fp32", state_out="fp32", v_block=64)
 
 
 def _is_cubin(data: bytes) -> bool:
@@ -83,7 +83,7 @@ def test_concurrent_builders_compile_once(tmp_path):
 def test_key_covers_template_bytes_spec_and_compiler(monkeypatch):
     ident = "nvrtc-13.5 -std=c++17"
     base = cache_mod.cache_key(SMALL, ident)
-    assert cache_mod.cache_key(KernelSpec("fp32", "bf16", True, v_block=64), ident) != base
+    assert cache_mod.cache_key(KernelSpec("fp32", "bf16", v_block=64), ident) != base
     assert cache_mod.cache_key(SMALL, "nvcc-13.0 -std=c++17") != base
     real = cache_mod.template_sources
     monkeypatch.setattr(cache_mod, "template_sources",
@@ -174,17 +174,17 @@ def test_spill_check_refuses_a_kernel_that_spills(monkeypatch):
         NVRTCCompiler().compile(SMALL)
     assert "8 bytes spill stores" in str(excinfo.value)
     # Blackwell's allowance (jit/arch.py): 8 bytes pass there, more do not
-    assert NVRTCCompiler().compile(KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_120a")) == b"cubin"
+    assert NVRTCCompiler().compile(KernelSpec("fp32", "fp32", v_block=64, arch="sm_120a")) == b"cubin"
     report_big = report.replace(" 8 bytes spill", " 64 bytes spill")
     monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", report_big))
     with pytest.raises(CompileError, match=r"spills 64 bytes to local memory \(48 allowed on sm_120a"):
-        NVRTCCompiler().compile(KernelSpec("fp32", "fp32", True, v_block=64, arch="sm_120a"))
+        NVRTCCompiler().compile(KernelSpec("fp32", "fp32", v_block=64, arch="sm_120a"))
 
 
 def test_dump_writes_source_ptx_report_and_cubin(tmp_path, monkeypatch):
     """FLASH_KDA_JIT_DUMP with a real NVRTC compile (the one-group decode kernel, the smallest)."""
     monkeypatch.setenv("FLASH_KDA_JIT_DUMP", str(tmp_path))
-    spec = DecodeSpec(state_in="bf16", state_out="bf16", varlen=False)
+    spec = DecodeSpec(state_in="bf16", state_out="bf16")
     cubin = NVRTCCompiler().compile(spec)
     entry = tmp_path / spec.name
     assert (entry / "source.cu").read_text() == spec.source()

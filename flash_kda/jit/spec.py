@@ -6,8 +6,10 @@ Two kernel families share the parameter block (templates/kda_params.cuh):
 * ``DecodeSpec``, the token-by-token kernel (templates/kda_decode.cuh): decode and speculative
   verify, i.e. short sequences and per-token states.
 
-Everything fixed at compile time lives here (state dtypes, varlen, gate kind, head dims, V-slice
-width, target arch); everything else (pools, strides, checkpoints) is a run-time kernel argument.
+Everything fixed at compile time lives here (state dtypes, gate kind, head dims, V-slice width,
+cluster size, target arch; the layout, fixed or varlen, for the decode kernel only); everything else
+(the chunked kernel's layout; whether there is a state; pools, strides, checkpoints) is a run-time
+kernel argument.
 """
 from __future__ import annotations
 
@@ -70,15 +72,10 @@ def v_blocks_for(gate: str) -> tuple[int, ...]:
     return V_BLOCKS if gate == "bounded" else ANCHORED_V_BLOCKS
 
 
-def _cpp_bool(value: bool) -> str:
-    return "true" if value else "false"
-
-
 @dataclass(frozen=True)
 class _SpecBase:
     state_in: str
     state_out: str
-    varlen: bool
     gate: str = "bounded"
     head_k: int = HEAD_DIM
     head_v: int = HEAD_DIM
@@ -112,8 +109,7 @@ class _SpecBase:
         raise NotImplementedError
 
     def _suffix(self) -> str:
-        kind = "varlen" if self.varlen else "fixed"
-        return f"in-{self.state_in}_out-{self.state_out}_{kind}_{self.arch}"
+        return f"in-{self.state_in}_out-{self.state_out}_{self.arch}"
 
     def _entry(self, threads: int, launch_attrs: str, call: str, smem: str, checks: str) -> str:
         """The translation unit: the template, compile-time checks, the kernel entry and the globals
@@ -184,8 +180,7 @@ class KernelSpec(_SpecBase):
 
     def source(self) -> str:
         config = f"flash_kda::Config<{self.v_block}, {self.cluster}, {self.producer_warps}>"
-        args = (f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, "
-                f"{GATES[self.gate]}")
+        args = f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {GATES[self.gate]}"
         max_smem = check_target(self.arch).max_smem_per_block
         return self._entry(
             self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",
@@ -206,6 +201,9 @@ class DecodeSpec(_SpecBase):
     memory."""
 
     build: str = "one_group"
+    # fixed or varlen layout: a compile-time axis here only (the streamed build has no register to spare
+    # for the other path; the chunked kernel reads it at run time)
+    varlen: bool = False
 
     kind: ClassVar[str] = "decode"
     template: ClassVar[str] = "kda_decode.cuh"
@@ -230,7 +228,8 @@ class DecodeSpec(_SpecBase):
     @property
     def name(self) -> str:
         build = "decode" if self.build == "one_group" else f"decode_{self.build}"
-        return f"kda_{build}_{self.gate}_k{self.head_k}v{self.head_v}_{self._suffix()}"
+        layout = "varlen" if self.varlen else "fixed"
+        return f"kda_{build}_{self.gate}_k{self.head_k}v{self.head_v}_{layout}_{self._suffix()}"
 
     @property
     def splits(self) -> int:
@@ -240,8 +239,8 @@ class DecodeSpec(_SpecBase):
 
     def source(self) -> str:
         build = list(DECODE_BUILDS).index(self.build)
-        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {_cpp_bool(self.varlen)}, {build}, "
-                f"{GATES[self.gate]}")
+        args = (f"{_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {'true' if self.varlen else 'false'}, "
+                f"{build}, {GATES[self.gate]}")
         return self._entry(
             self.threads, "", f"flash_kda::kda_decode<{args}>(p)", "0",
             f"static_assert(flash_kda::DecodeConfig::kThreads == {self.threads} && "
@@ -253,9 +252,20 @@ AnySpec = Union[KernelSpec, DecodeSpec]
 SPEC_KINDS = {cls.kind: cls for cls in (KernelSpec, DecodeSpec)}
 
 
+class EarlierSpecLayout(ValueError):
+    """Cache metadata written by an earlier flash_kda, whose specs had fields this one dropped."""
+
+
+# Chunked-kernel spec fields of earlier versions (its layout became a run-time fact): their entries are
+# never loaded (other names and keys) and verify counts them as other versions' entries.
+_EARLIER_FIELDS = frozenset({"varlen"})
+
+
 def spec_from_dict(data: dict) -> AnySpec:
     """The spec a cache entry's metadata describes (``to_dict``)."""
     data = dict(data)
+    if data.get("kind", "chunk") == "chunk" and _EARLIER_FIELDS & data.keys():
+        raise EarlierSpecLayout(f"written by an earlier flash_kda (spec fields {sorted(_EARLIER_FIELDS & data.keys())})")
     cls = SPEC_KINDS[data.pop("kind", "chunk")]
     return cls(**data)
 
@@ -270,12 +280,12 @@ def template_sources() -> dict[str, str]:
 def all_specs(archs: tuple[str, ...] = ALL_TARGETS) -> Iterator[AnySpec]:
     """Every specialisation the library may launch, for the given archs: on an arch with clusters,
     the chunked kernel's clustered and portable variants."""
-    for arch, s_in, s_out, varlen in itertools.product(archs, SPEC_STATE_DTYPES, SPEC_STATE_DTYPES, (False, True)):
+    for arch, s_in, s_out in itertools.product(archs, SPEC_STATE_DTYPES, SPEC_STATE_DTYPES):
         for gate in GATES:
             for vb in v_blocks_for(gate):
-                widest = KernelSpec(state_in=s_in, state_out=s_out, varlen=varlen, v_block=vb, arch=arch, gate=gate)
+                widest = KernelSpec(state_in=s_in, state_out=s_out, v_block=vb, arch=arch, gate=gate)
                 yield widest
                 if widest.cluster > 1:
                     yield dataclasses.replace(widest, cluster=1)
-        for gate, build in itertools.product(DECODE_GATES, DECODE_BUILDS):
-            yield DecodeSpec(state_in=s_in, state_out=s_out, varlen=varlen, arch=arch, build=build, gate=gate)
+        for gate, build, varlen in itertools.product(DECODE_GATES, DECODE_BUILDS, (False, True)):
+            yield DecodeSpec(state_in=s_in, state_out=s_out, arch=arch, build=build, gate=gate, varlen=varlen)

@@ -135,7 +135,7 @@ __device__ __forceinline__ void factorised_products(const Stage<VB>& st, const R
 // (c / kCluster) % kProducerWarps == warp, i.e. chunk slot + k * kSlots, k = 0, 1, ..., always into
 // slot `slot` = warp * kCluster + rank of every CTA of the cluster.  `cv0`: the cluster's first
 // value column.
-template <class Cfg, bool VARLEN, class Gate>
+template <class Cfg, class Gate>
 __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, int h, int cv0, long long bos,
                          int seq_len, int num_chunks, int rank, int warp, int lane) {
   constexpr int VB = Cfg::kVB;
@@ -151,7 +151,7 @@ __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, in
   static_assert(kBulkBytes % 16 == 0, "bulk copies move 16-byte multiples");
   const int c0 = lane * 4;  // key channels c0..c0+3 owned in the element-wise pass
   const Gate gate(p, h, c0);
-  const ChunkInputs in(p, VARLEN, seq, bos, h);
+  const ChunkInputs in(p, is_varlen(p), seq, bos, h);
 
   auto chunk_valid = [&](int chunk) { return min(kChunk, seq_len - chunk * kChunk); };
   auto load_beta = [&](int chunk) {

@@ -43,7 +43,7 @@ namespace flash_kda {
 
 // Cfg: the launch shape (Config<VB, CLUSTER, PRODUCER_WARPS>); Gate: the gate kind (kda_gate.cuh); both
 // named by the specialisation (spec.py).
-template <class Cfg, int STATE_IN, int STATE_OUT, bool VARLEN, class Gate>
+template <class Cfg, int STATE_IN, int STATE_OUT, class Gate>
 __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   constexpr int VB = Cfg::kVB;
   constexpr int kSplits = Cfg::kSplits;
@@ -62,7 +62,7 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   const StatePlan plan = plan_state(p, seq, h);
   if (plan.skip) return;  // an invalid pool slot: every CTA of the cluster (one (sequence, head)) leaves here
   long long bos, eos;
-  sequence_bounds<VARLEN>(p, seq, bos, eos);
+  sequence_bounds(p, seq, bos, eos);
   const int seq_len = static_cast<int>(eos - bos);
   const int num_chunks = (seq_len + kChunk - 1) / kChunk;
 
@@ -79,7 +79,7 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
 
   if (threadIdx.x >= Cfg::kConsumerThreads) {
     const int ptid = threadIdx.x - Cfg::kConsumerThreads;
-    producer<Cfg, VARLEN, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
+    producer<Cfg, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
     consumer<Cfg, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
                                       threadIdx.x & 31);

@@ -87,6 +87,11 @@ __device__ __forceinline__ long long load_index(const void* ptr, int is_int64, l
 
 // ---------------------------------------------------------------- sequences and inputs
 
+// The layout: varlen when cu_seqlens is set. The chunked kernel reads it at run time (it is uniform over
+// the grid, and decided once per CTA); the decode kernel, whose streamed build has no register to spare
+// for the other path, is specialised on it (VARLEN).
+__device__ __forceinline__ bool is_varlen(const KdaParams& p) { return p.cu_seqlens != nullptr; }
+
 template <bool VARLEN>
 __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
   if constexpr (VARLEN) {
@@ -100,6 +105,14 @@ __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, lon
   } else {
     bos = static_cast<long long>(seq) * p.seq_len;
     eos = bos + p.seq_len;
+  }
+}
+
+__device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
+  if (is_varlen(p)) {
+    sequence_bounds<true>(p, seq, bos, eos);
+  } else {
+    sequence_bounds<false>(p, seq, bos, eos);
   }
 }
 
