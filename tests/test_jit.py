@@ -175,9 +175,9 @@ def test_spill_check_refuses_a_kernel_that_spills(monkeypatch):
     assert "8 bytes spill stores" in str(excinfo.value)
     # Blackwell's allowance (jit/arch.py): 8 bytes pass there, more do not
     assert NVRTCCompiler().compile(KernelSpec("fp32", "fp32", v_block=64, arch="sm_120a")) == b"cubin"
-    report_big = report.replace(" 8 bytes spill", " 64 bytes spill")
+    report_big = report.replace(" 8 bytes spill", " 72 bytes spill")
     monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", report_big))
-    with pytest.raises(CompileError, match=r"spills 64 bytes to local memory \(48 allowed on sm_120a"):
+    with pytest.raises(CompileError, match=r"spills 72 bytes to local memory \(64 allowed on sm_120a"):
         NVRTCCompiler().compile(KernelSpec("fp32", "fp32", v_block=64, arch="sm_120a"))
 
 
