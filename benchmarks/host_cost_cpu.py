@@ -21,6 +21,7 @@ import flash_kda
 from flash_kda import api, checks, jit
 from flash_kda.jit.params import ParamBlock, pack
 from flash_kda.jit.runtime import LoadedKernel
+from flash_kda.jit.arch import REFERENCE_TARGET
 from flash_kda.jit.spec import all_specs
 
 
@@ -33,10 +34,10 @@ def stub_device() -> None:
     torch._C._cuda_getDevice = int
     torch._C._cuda_getCurrentRawStream = abs
     api._sm_count = functools.lru_cache(maxsize=None)(lambda index: 132)
-    api.device_arch = functools.lru_cache(maxsize=None)(lambda index: "sm_90a")
+    api.device_arch = functools.lru_cache(maxsize=None)(lambda index: REFERENCE_TARGET)
     from cuda.bindings import driver
     ok = (driver.CUresult.CUDA_SUCCESS,)
-    for spec in all_specs():
+    for spec in all_specs((REFERENCE_TARGET,)):
         kernel = object.__new__(LoadedKernel)  # what LoadedKernel.__init__ sets, without a driver
         kernel.spec, kernel.device_index, kernel.function = spec, 0, driver.CUfunction(0)
         kernel.threads, kernel.smem_bytes = spec.threads, 100_000

@@ -13,11 +13,12 @@ import pytest
 
 from flash_kda import __main__ as cli_main
 from flash_kda.jit import all_specs
+from flash_kda.jit.arch import ALL_TARGETS
 from flash_kda.jit import compiler as compiler_mod
 
 from cache_helpers import IS_ROOT, cli, env, needs_root, one_line, python, read_only_view
 
-N_SPECS = len(list(all_specs(("sm_90a",))))
+N_SPECS = len(list(all_specs(ALL_TARGETS)))  # baked_cache holds every target's
 
 
 # ------------------------------------------------------------------ 7. baking into a directory that cannot be written
@@ -75,10 +76,10 @@ def baked_copy(baked_cache, tmp_path) -> Path:
 
 
 def test_verify_passes_a_complete_cache_and_precompile_under_disable_jit_is_verify(baked_copy):
-    res = cli("verify", "--cache-dir", str(baked_copy))
+    res = cli("verify", "--arch", "all", "--cache-dir", str(baked_copy))
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().endswith(f"{N_SPECS}/{N_SPECS} specialisations present and intact; 0 problems")
-    res = cli("precompile", "--cache-dir", str(baked_copy), FLASH_KDA_DISABLE_JIT="1")
+    res = cli("precompile", "--arch", "all", "--cache-dir", str(baked_copy), FLASH_KDA_DISABLE_JIT="1")
     assert res.returncode == 0 and "nothing is compiled" in res.stdout and "0 problems" in res.stdout
 
 
@@ -91,7 +92,7 @@ def test_verify_reports_each_problem_in_one_line(baked_copy):
     shutil.copy(swapped_b, swapped_a)  # another kernel's cubin and metadata over an entry
     shutil.copy(swapped_b.with_suffix(".json"), swapped_a.with_suffix(".json"))
     loose.chmod(0o666)
-    res = cli("verify", "--cache-dir", str(baked_copy))
+    res = cli("verify", "--arch", "all", "--cache-dir", str(baked_copy))
     assert res.returncode == 1
     problems = [line for line in res.stdout.splitlines() if line.startswith("PROBLEM ")]
     assert len(problems) == 4, res.stdout
@@ -101,7 +102,7 @@ def test_verify_reports_each_problem_in_one_line(baked_copy):
     assert f"{swapped_a}: holds another kernel" in text
     assert f"{loose}: {loose} is writable by group or others (mode 0666)" in text
     assert res.stdout.strip().endswith("; 4 problems")
-    res = cli("precompile", "--cache-dir", str(baked_copy), FLASH_KDA_DISABLE_JIT="1")  # compiles nothing
+    res = cli("precompile", "--arch", "all", "--cache-dir", str(baked_copy), FLASH_KDA_DISABLE_JIT="1")  # compiles nothing
     assert res.returncode == 1 and "compiled" not in res.stdout.replace("nothing is compiled", "")
     assert "PROBLEM" in res.stdout
 

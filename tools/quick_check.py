@@ -15,7 +15,7 @@ from kda_inputs import make_inputs, rel_rms
 def max_active_clusters(v_block: int) -> int:
     """cuOccupancyMaxActiveClusters for the loaded fixed-length kernel of this width."""
     from cuda.bindings import driver
-    spec = api._spec("fp32", "fp32", False, v_block, "bounded", "sm_90a")
+    spec = api._spec("fp32", "fp32", False, v_block, "bounded", api.device_arch(0))
     kernel = get_kernel(spec, 0)
     config = driver.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = spec.splits * 64, 1, 1
