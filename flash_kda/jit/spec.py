@@ -24,7 +24,7 @@ from .arch import ALL_TARGETS, REFERENCE_TARGET, check_target
 STATE_DTYPES = ("none", "bf16", "fp32")  # what a call may pass for each state (none: no tensor)
 # The kernels are specialised on the dtype of the states only: whether a state is read or written is a
 # run-time fact (a null pointer, or has_initial_state, or an invalid slot), so a call without one runs
-# the kernel of the other state's dtype (spec_state_dtypes). Half the compiles of a (none, x) axis.
+# the kernel of the other state's dtype (spec_state_dtypes): 4 dtype pairs to compile, not 9.
 SPEC_STATE_DTYPES = ("bf16", "fp32")
 _STATE_CODE = {"bf16": 1, "fp32": 2}  # kStateBF16 / kStateFP32 (templates/kda_params.cuh)
 # Gate kinds: the C++ type of each (templates/kda_gate.cuh), the one place a new kind is named.
