@@ -4,9 +4,10 @@ Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floo
 V-slice sweep, the portable variant (FLASH_KDA_KERNEL=portable) beside the default and FLA, the
 serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the bounded gate, and
 FLA's softplus path), the host cost per call and the first-call costs.
-Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick | --portable]
+Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick | --portable | --serving]
 (--quick: the main table only, with plain calls, so that it can time an older flash_kda too;
---portable: the main table and the portable variant's)."""
+--portable: the main table and the portable variant's; --serving: the main table and the serving
+inputs', strided and checkpointed, which a flash_kda since the serving path can also time)."""
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,10 @@ def kernel_variant(name: str):
         api.reset_variant()
 
 
-def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False, portable_only: bool = False):
+PARTS = ("portable", "sweep", "serving", "gates")  # the tables beyond the main one
+
+
+def bench_case(B, T, H, lens, with_fla: bool, reps: int, parts: tuple[str, ...] = PARTS):
     inp = make_inputs(B, T, H, seed=0)
     inp["A_log"] = torch.rand(H, device="cuda")
     inp["dt_bias"] = torch.rand(H, 128, device="cuda")
@@ -101,21 +105,21 @@ def bench_case(B, T, H, lens, with_fla: bool, reps: int, quick: bool = False, po
 
     default = time_ms(ours(), reps=reps)
     portable = {}
-    if not quick:
+    if "portable" in parts:
         with kernel_variant("portable"):
             portable = {vb: time_ms(ours(vb), reps=reps) for vb in (None, *V_BLOCKS)}
-    quick = quick or portable_only
-    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS} if not quick else {}
-    strided = time_ms(ours(x=strided_like(inp)), reps=reps) if not quick else float("nan")
-    checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps) if not quick else \
-        float("nan")
+    sweep = {vb: time_ms(ours(vb), reps=reps) for vb in V_BLOCKS} if "sweep" in parts else {}
+    strided = checkpointed = float("nan")
+    if "serving" in parts:
+        strided = time_ms(ours(x=strided_like(inp)), reps=reps)
+        checkpointed = time_ms(ours(checkpoint_offsets=offsets, checkpoint_state=ckpt), reps=reps)
     def fla_call(lower_bound):
         return lambda: fla_chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], scale, inp["A_log"],
                                      inp["dt_bias"], lower_bound, initial_state=h0, cu_seqlens=cu)
 
     fla = time_ms(fla_call(-5.0), reps=reps) if with_fla else None
     gates = {}
-    if not quick:  # ours with the softplus gate and lower_bound -8, FLA's softplus path (safe_gate=False)
+    if "gates" in parts:  # ours with the softplus gate and lower_bound -8, FLA's softplus path (safe_gate=False)
         gates = {"softplus": time_ms(ours(lower_bound=None), reps=reps), "lb-8": time_ms(ours(lower_bound=-8.0), reps=reps),
                  "fla softplus": time_ms(fla_call(None), reps=reps) if with_fla else None}
     return default, sweep, fla, floor_ms(B, T, H, N), strided, checkpointed, gates, portable
@@ -162,7 +166,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="the main table only (plain calls)")
     parser.add_argument("--portable", action="store_true", help="the main table and the portable variant's")
+    parser.add_argument("--serving", action="store_true", help="the main table and the serving inputs' (strided, "
+                        "checkpoints)")
     args = parser.parse_args()
+    parts = () if args.quick else ("portable",) if args.portable else ("serving",) if args.serving else PARTS
     with_fla = not args.no_fla
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
@@ -170,7 +177,7 @@ def main() -> None:
     rows, sweeps, serving, gates, portables = [], [], [], [], []
     for name, B, T, H, lens, target in CASES:
         ours, sweep, fla, floor, strided, checkpointed, gate_times, portable = bench_case(
-            B, T, H, lens, with_fla, args.reps, args.quick, args.portable)
+            B, T, H, lens, with_fla, args.reps, parts)
         rows.append((name, ours, fla, target, floor))
         sweeps.append((name, sweep))
         serving.append((name, ours, strided, checkpointed))
@@ -185,8 +192,25 @@ def main() -> None:
         verdict = ("pass" if ratio >= target else "fail") if fla else "—"
         print(f"| {name} | {ours:.3f} | {fla:.3f} | {ratio:.2f}× | ≥ {target}× | {verdict} | {floor / ours:.2f} |"
               if fla else f"| {name} | {ours:.3f} | — | — | ≥ {target}× | — | {floor / ours:.2f} |")
-    if args.quick:
-        return
+    if "portable" in parts:
+        print_portable(portables)
+    if "sweep" in parts:
+        print_sweep(sweeps)
+    if "serving" in parts:
+        print_serving(serving)
+    if "gates" in parts:
+        print_gates(gates)
+    if parts == PARTS:
+        host = host_cost_us()
+        print(f"\nhost cost per fwd call (T16 H1, 2000 calls, wall clock): {host:.1f} µs (target ≤ 15 µs)")
+        with tempfile.TemporaryDirectory() as cold:
+            cold_ms = first_call_ms(cold)
+            warm_ms = first_call_ms(cold)
+        print(f"first call in a fresh process: empty cache (compile) {cold_ms:.0f} ms, warm disk cache (load) "
+              f"{warm_ms:.0f} ms")
+
+
+def print_portable(portables) -> None:
     print(f"\nThe portable variant (FLASH_KDA_KERNEL=portable: no clusters; ms) beside the default and FLA, same "
           f"process; target ≥ {PORTABLE_VS_FLA}× faster than FLA. Its own V-slice sweep on the right:\n")
     print("| case | default | portable | portable/default | FLA | FLA/portable | pass | "
@@ -199,14 +223,16 @@ def main() -> None:
               f"{f'{fla:.3f}' if fla else '—'} | {ratio:.2f}× | {verdict} | "
               + " | ".join(f"{portable[vb]:.3f}" for vb in V_BLOCKS) + " |")
 
-    if args.portable:
-        return
+
+def print_sweep(sweeps) -> None:
     print("\nV-slice sweep (ours, ms per call, by CTA V width):\n")
     print("| case | " + " | ".join(f"v_block {vb}" for vb in V_BLOCKS) + " |")
     print("|---|" + "---:|" * len(V_BLOCKS))
     for name, sweep in sweeps:
         print(f"| {name} | " + " | ".join(f"{sweep[vb]:.3f}" for vb in V_BLOCKS) + " |")
 
+
+def print_serving(serving) -> None:
     print("\nServing inputs on the same rows (ms): strided q/k/v/g/beta (slices of a fused projection, no copies;"
           " target ≤ 1.05× contiguous) and two checkpoints per sequence (target ≤ 1.03× without):\n")
     print("| case | contiguous | strided | strided/contiguous | 2 checkpoints | checkpoints/none |")
@@ -215,6 +241,8 @@ def main() -> None:
         print(f"| {name} | {ours:.3f} | {strided:.3f} | {strided / ours:.3f} | {checkpointed:.3f} | "
               f"{checkpointed / ours:.3f} |")
 
+
+def print_gates(gates) -> None:
     print(f"\nGates on the same rows (ms): the softplus gate (lower_bound=None) and lower_bound = -8 (the anchored "
           f"chunk form) against lower_bound = -5 (target ≤ {SOFTPLUS_VS_BOUNDED}×), and FLA chunk_kda with the "
           "softplus gate (safe_gate=False, lower_bound=None):\n")
@@ -235,14 +263,6 @@ def main() -> None:
         print(f"| {name} | {ours:.3f} | {g['softplus']:.3f} | {g['softplus'] / ours:.3f} | {g['lb-8']:.3f} | "
               f"{g['lb-8'] / ours:.3f} | {f'{fla_sp:.3f}' if fla_sp else '—'} | {ratio} | {'; '.join(wants)} | "
               f"{'pass' if ok else 'fail'} |")
-
-    host = host_cost_us()
-    print(f"\nhost cost per fwd call (T16 H1, 2000 calls, wall clock): {host:.1f} µs (target ≤ 15 µs)")
-    with tempfile.TemporaryDirectory() as cold:
-        cold_ms = first_call_ms(cold)
-        warm_ms = first_call_ms(cold)
-    print(f"first call in a fresh process: empty cache (compile) {cold_ms:.0f} ms, warm disk cache (load) "
-          f"{warm_ms:.0f} ms")
 
 
 if __name__ == "__main__":

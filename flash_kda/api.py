@@ -263,8 +263,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index), one_token)
         v_block = DECODE if ctas_per_head == 8 else DECODE_STREAMED if one_token else DECODE_TOKEN_OUTER
     elif v_block is None:
-        thresholds = _v_block_thresholds(index)
-        v_block = 128 if units >= thresholds[0] else 64 if units >= thresholds[1] else 32
+        v_block = choose_v_block(units, index)
     # the gate kind: the decode kernel's bounded build takes every lower_bound, and the general gates'
     # chunk forms run slices of at most ANCHORED_V_BLOCKS[-1] value rows
     gate = gate_kind(lower_bound)

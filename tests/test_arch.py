@@ -57,6 +57,21 @@ def test_spec_cluster_defaults_to_the_most_the_arch_allows():
         KernelSpec("fp32", "fp32", v_block=128, cluster=2)
 
 
+def test_producer_remat_follows_the_arch_table():
+    """PRODUCER_REMAT (kda_chunk_layout.cuh) where the table asks for it: the Blackwell targets. It is a
+    template argument only when on, so the other targets' sources (and cache keys) are as before."""
+    for target, arch in ARCHS.items():
+        spec = KernelSpec("fp32", "fp32", v_block=64, gate="softplus", arch=target)
+        assert spec.producer_remat is arch.producer_remat
+        assert ("_remat_" in spec.name) is arch.producer_remat
+        assert (f"Config<64, {spec.cluster}, {arch.producer_warps}, true>" in spec.source()) is arch.producer_remat
+    assert {t for t, a in ARCHS.items() if a.producer_remat} == {"sm_100a", "sm_103a", "sm_120a", "sm_121a"}
+    twin = KernelSpec("fp32", "fp32", v_block=64, producer_remat=True)  # what tests/test_gpu_remat.py runs
+    assert twin.arch == "sm_90a" and "Config<64, 2, 4, true>" in twin.source() and twin != KernelSpec("fp32", "fp32")
+    with pytest.raises(ValueError, match="producer_remat must be a bool or None"):
+        KernelSpec("fp32", "fp32", producer_remat=1)
+
+
 @pytest.mark.parametrize("call,kernel", [
     (("none", "none"), ("fp32", "fp32")), (("none", "bf16"), ("bf16", "bf16")), (("bf16", "none"), ("bf16", "bf16")),
     (("fp32", "bf16"), ("fp32", "bf16")), (("none", "fp32"), ("fp32", "fp32")),

@@ -17,10 +17,10 @@ class Arch:
     producer_warps: int           # the chunked kernel's producer warps a CTA: 4, or 2 where ~100 KB must do
     gpus: str                     # for messages and `python -m flash_kda info`
     validated: str                # where it ran here: a GPU, or "compile-checked only" (README support table)
-    # FLASH_KDA_JIT_CHECK_SPILLS: the local-memory spill (bytes, stores or loads) a kernel may show here.
-    # 0 but on Blackwell, whose ptxas spills 16-52 bytes in the general gates' chunk producers (255
-    # registers a thread; sm_90a's fits them; measured over all 96 such specialisations, NVRTC 13.5).
-    max_spill_bytes: int = 0
+    # The chunked kernel's producer warps recompute their lane-, warp- and slot-derived addresses every
+    # chunk (Config's PRODUCER_REMAT, kda_chunk_layout.cuh): Blackwell's ptxas spilled 16-52 bytes of
+    # them from the general gates' producers at 255 registers otherwise (NVRTC 13.5); sm_90a's does not.
+    producer_remat: bool = False
     # The decode kernel's streamed build: 5 CTAs an SM (96 registers) where it was measured (sm_90a); 4
     # (128) elsewhere, where ptxas spills at 96 (sm_86, sm_120a, sm_121a).
     streamed_decode_ctas_per_sm: int = 4
@@ -34,11 +34,11 @@ ARCHS: dict[str, Arch] = {arch.target: arch for arch in (
     Arch("sm_89", (8, 9), False, 99 * _KB, 2, "L4, L40S, RTX 6000 Ada, RTX 40", "compile-checked only"),
     Arch("sm_90a", (9, 0), True, 227 * _KB, 4, "H100, H200, H800, H20", "H100 (both variants)",
          streamed_decode_ctas_per_sm=5),
-    Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", max_spill_bytes=64),
-    Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", max_spill_bytes=64),
+    Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", producer_remat=True),
+    Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", producer_remat=True),
     Arch("sm_120a", (12, 0), False, 99 * _KB, 2, "RTX PRO 6000 Blackwell, RTX 50", "compile-checked only",
-         max_spill_bytes=64),
-    Arch("sm_121a", (12, 1), False, 99 * _KB, 2, "DGX Spark (GB10)", "compile-checked only", max_spill_bytes=64),
+         producer_remat=True),
+    Arch("sm_121a", (12, 1), False, 99 * _KB, 2, "DGX Spark (GB10)", "compile-checked only", producer_remat=True),
 )}
 ALL_TARGETS: tuple[str, ...] = tuple(ARCHS)
 # Where the kernels were tuned and are tested on hardware; the arch of a spec made without one.

@@ -140,10 +140,16 @@ class KernelSpec(_SpecBase):
     ``cluster``: CTAs per thread-block cluster. None (the default) means the most the arch allows:
     2 for the 32- and 64-wide slices where the arch runs the clustered variant (the pair shares each
     chunk's preparation through distributed shared memory), else 1. 1 is the portable variant
-    (FLASH_KDA_KERNEL=portable); the 128-wide slice is one CTA per head in both."""
+    (FLASH_KDA_KERNEL=portable); the 128-wide slice is one CTA per head in both.
+
+    ``producer_remat``: the producer warps recompute their lane-, warp- and slot-derived addresses
+    every chunk (kda_chunk_layout.cuh, PRODUCER_REMAT). None (the default) means the arch's choice
+    (``Arch.producer_remat``: on Blackwell, whose ptxas spills them otherwise); tests/test_gpu_remat.py
+    runs the sm_90a build with it on, where the hardware to run Blackwell's is missing."""
 
     v_block: int = 64
     cluster: int | None = None
+    producer_remat: bool | None = None
 
     kind: ClassVar[str] = "chunk"
     template: ClassVar[str] = "kda_fwd.cuh"
@@ -154,6 +160,10 @@ class KernelSpec(_SpecBase):
             raise ValueError(f"v_block must be one of {v_blocks_for(self.gate)} (an int) for the {self.gate} gate, "
                              f"got {self.v_block!r}")
         most = 2 if check_target(self.arch).clusters and self.splits >= 2 else 1
+        if self.producer_remat is None:
+            object.__setattr__(self, "producer_remat", check_target(self.arch).producer_remat)
+        elif type(self.producer_remat) is not bool:
+            raise ValueError(f"producer_remat must be a bool or None, got {self.producer_remat!r}")
         if self.cluster is None:
             object.__setattr__(self, "cluster", most)
         elif type(self.cluster) is not int or not 1 <= self.cluster <= most:
@@ -163,7 +173,7 @@ class KernelSpec(_SpecBase):
     @property
     def name(self) -> str:
         return (f"kda_fwd_{self.gate}_k{self.head_k}v{self.head_v}_vb{self.v_block}_c{self.cluster}_"
-                f"{self._suffix()}")
+                f"{'remat_' if self.producer_remat else ''}{self._suffix()}")
 
     @property
     def producer_warps(self) -> int:
@@ -179,7 +189,8 @@ class KernelSpec(_SpecBase):
         return self.head_v // self.v_block
 
     def source(self) -> str:
-        config = f"flash_kda::Config<{self.v_block}, {self.cluster}, {self.producer_warps}>"
+        remat = ", true" if self.producer_remat else ""
+        config = f"flash_kda::Config<{self.v_block}, {self.cluster}, {self.producer_warps}{remat}>"
         args = f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {GATES[self.gate]}"
         max_smem = check_target(self.arch).max_smem_per_block
         return self._entry(

@@ -22,6 +22,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+// A copy of `x` the optimiser cannot see through (an empty asm that "modifies" it): what is computed
+// from the copy is computed again where it is used, instead of being held in registers since `x` was
+// first known.
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 // ---------------------------------------------------------------- mbarriers (sm_80+)
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {

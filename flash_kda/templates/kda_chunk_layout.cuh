@@ -16,7 +16,11 @@ constexpr int kSmallPad = 24; // bf16 row stride of 16x16 tiles read by ldmatrix
 //     H100: cuOccupancyMaxActiveClusters 30 of 33, which would leave a second wave at 128 CTAs); 1
 //     for the 128-wide slice and for the portable variant, whose CTAs each prepare every chunk.
 //   PRODUCER_WARPS: 4, or 2 where shared memory is ~100 KB a block (the arch table, jit/arch.py).
-template <int VB, int CLUSTER, int PRODUCER_WARPS>
+//   PRODUCER_REMAT: the producer warps recompute what derives from their lane, warp and slot indices
+//     (shared-memory addresses, ldmatrix lane offsets) at every chunk instead of holding it across the
+//     chunk loop. Blackwell's ptxas spills those values from the general gates' producers at 255
+//     registers otherwise (sm_90a's fits them, and keeps the code without the recomputation).
+template <int VB, int CLUSTER, int PRODUCER_WARPS, bool PRODUCER_REMAT = false>
 struct Config {
   static_assert(VB % 16 == 0 && kHeadV % VB == 0, "VB must divide the value head dim in 16-row slices");
   static_assert(CLUSTER == 1 || (CLUSTER == 2 && kHeadV / VB >= 2), "clusters are pairs of a head's V-slices");
@@ -25,6 +29,7 @@ struct Config {
   static constexpr int kSplits = kHeadV / VB;  // CTAs per (sequence, head)
   static constexpr int kCluster = CLUSTER;
   static constexpr int kProducerWarps = PRODUCER_WARPS;
+  static constexpr bool kProducerRemat = PRODUCER_REMAT;
   static constexpr int kSlots = kCluster * kProducerWarps;  // chunks in flight, one slot per producer warp
   static constexpr int kClusterV = kCluster * VB;             // value columns a producer loads
   static constexpr int kConsumerWarps = VB / 16;

@@ -137,14 +137,12 @@ __device__ __forceinline__ void factorised_products(const Stage<VB>& st, const R
 // value column.
 template <class Cfg, class Gate>
 __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, int h, int cv0, long long bos,
-                         int seq_len, int num_chunks, int rank, int warp, int lane) {
+                         int seq_len, int num_chunks, int rank, int warp_index, int lane_index) {
   constexpr int VB = Cfg::kVB;
   constexpr int kSlots = Cfg::kSlots;
-  const int slot = warp * Cfg::kCluster + rank;
-  RawChunk<Cfg::kClusterV>& raw = sm.raw[warp];
-  ProducerScratch& scr = sm.scratch[warp];
-  Stage<VB>& st = sm.stage[slot];
   constexpr int kCluster = Cfg::kCluster;
+  const int lane = lane_index;  // the loop below takes its own copy where Cfg::kProducerRemat
+  const int slot = warp_index * Cfg::kCluster + rank;
   // What goes to the other CTAs: the slot up to its V-slice by one bulk copy, the V-slice by st.async.
   constexpr uint32_t kBulkBytes = sizeof(Stage<VB>) - sizeof(Stage<VB>::v);  // v is the last member
   constexpr uint32_t kRemoteBytes = kBulkBytes + kChunk * VB * sizeof(bf16);
@@ -161,10 +159,18 @@ __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, in
 
   float beta_raw = 0.0f;
   if (slot < num_chunks) {
-    issue_chunk_load(in, raw, static_cast<long long>(slot) * kChunk, chunk_valid(slot), cv0, lane);
+    issue_chunk_load(in, sm.raw[warp_index], static_cast<long long>(slot) * kChunk, chunk_valid(slot), cv0, lane);
     beta_raw = load_beta(slot);
   }
   for (int chunk = slot; chunk < num_chunks; chunk += kSlots) {
+    // Cfg::kProducerRemat: this chunk's indices are opaque copies, so the addresses below (and every
+    // lane offset in the helpers) are recomputed per chunk rather than kept live across the loop.
+    const int lane = Cfg::kProducerRemat ? opaque(lane_index) : lane_index;
+    const int warp = Cfg::kProducerRemat ? opaque(warp_index) : warp_index;
+    const int slot = warp * Cfg::kCluster + rank;
+    RawChunk<Cfg::kClusterV>& raw = sm.raw[warp];
+    ProducerScratch& scr = sm.scratch[warp];
+    Stage<VB>& st = sm.stage[slot];
     const int valid = chunk_valid(chunk);
     const float bsig = lane < valid ? sigmoid(beta_raw) : 0.0f;  // beta of row `lane` (lanes < 16)
     cute::cp_async_wait<0>();
