@@ -85,13 +85,6 @@ __device__ __forceinline__ long long load_index(const void* ptr, int is_int64, l
   return is_int64 ? static_cast<const long long*>(ptr)[i] : static_cast<long long>(static_cast<const int*>(ptr)[i]);
 }
 
-// The same through the read-only data path (ld.global.nc), for index arrays no kernel writes: the
-// compiler may then issue it ahead of earlier stores.
-__device__ __forceinline__ long long load_index_readonly(const void* ptr, int is_int64, long long i) {
-  return is_int64 ? __ldg(static_cast<const long long*>(ptr) + i)
-                  : static_cast<long long>(__ldg(static_cast<const int*>(ptr) + i));
-}
-
 // ---------------------------------------------------------------- sequences and inputs
 
 // The layout: varlen when cu_seqlens is set. The chunked kernel reads it at run time (it is uniform over

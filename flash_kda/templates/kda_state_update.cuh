@@ -11,8 +11,8 @@ namespace flash_kda {
 
 // ---------------------------------------------------------------- consumer
 
-constexpr int kStateTiles = kHeadK / 8;  // a consumer lane's state: 16 accumulator tiles of 16x8 across the keys
-constexpr int kNoChunk = 0x7fffffff;
+constexpr int kStateTiles = kHeadK / 8;
+constexpr int kNoChunk = 0x7fffffff;  // a consumer lane's state: 16 accumulator tiles of 16x8 across the keys
 
 // Element (row, key) index, relative to a state's first element, of a lane's accumulator tile n, half hh:
 // tile n covers keys 8n..8n+7; elements 2hh, 2hh+1 sit on row row_lo + 8hh, keys 8n + 2tq + {0, 1}.
@@ -34,41 +34,33 @@ __device__ __forceinline__ void store_fragment(void* base, long long offset, con
 
 // Checkpoint c of a sequence is the state after its first checkpoint_offsets[seq, c] tokens, stored when
 // that offset is a positive multiple of kChunk within the sequence (after chunk offset / kChunk - 1).
-// checkpoint_step stores S, the state after chunk `chunk` (-1: before the first), to every checkpoint
-// that ends there and returns the next chunk that ends at one (kNoChunk: none). It reads the offsets in
-// batches of 4 read-only loads issued together, so the consumer warps (and with them the CTA's whole
-// pipeline) wait one round trip per checkpoint rather than one per offset and pass.
-__device__ __forceinline__ int checkpoint_step(const KdaParams& p, int seq, int h, int chunk, int seq_len,
-                                               const float (&S)[kStateTiles][4], int row_lo, int tq) {
-  const CheckpointArgs& ckpt = p.ext.ckpt;
-  const long long first = static_cast<long long>(seq) * ckpt.num_checkpoints;
+// The first chunk after `after` that ends at a checkpoint, or kNoChunk.
+__device__ __forceinline__ int next_checkpoint_chunk(const KdaParams& p, int seq, int after, int seq_len) {
   int next = kNoChunk;
-  for (int c0 = 0; c0 < ckpt.num_checkpoints; c0 += 4) {
-    unsigned ends_here = 0;  // bit j: checkpoint c0 + j ends at `chunk`
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const long long offset =
-          c0 + j < ckpt.num_checkpoints ? load_index_readonly(ckpt.checkpoint_offsets, ckpt.offsets_int64, first + c0 + j) : 0;
-      const int end = offset > 0 && offset <= seq_len && offset % kChunk == 0 ? static_cast<int>(offset / kChunk) - 1
-                                                                              : kNoChunk;
-      if (end == chunk) {
-        ends_here |= 1u << j;
-      } else if (end > chunk && end < next) {
-        next = end;
-      }
-    }
-    while (ends_here) {
-      const int j = __ffs(ends_here) - 1;
-      ends_here &= ends_here - 1;
-      const long long offset = ((first + c0 + j) * p.num_heads + h) * kHeadV * kHeadK;
-      if (ckpt.checkpoint_bf16) {
-        store_fragment<kStateBF16>(ckpt.checkpoint_state, offset, S, row_lo, tq);
-      } else {
-        store_fragment<kStateFP32>(ckpt.checkpoint_state, offset, S, row_lo, tq);
-      }
+  for (int c = 0; c < p.ext.ckpt.num_checkpoints; ++c) {
+    const long long offset =
+        load_index(p.ext.ckpt.checkpoint_offsets, p.ext.ckpt.offsets_int64, static_cast<long long>(seq) * p.ext.ckpt.num_checkpoints + c);
+    if (offset > 0 && offset <= seq_len && offset % kChunk == 0) {
+      const int chunk = static_cast<int>(offset / kChunk) - 1;
+      if (chunk > after && chunk < next) next = chunk;
     }
   }
   return next;
+}
+
+__device__ __forceinline__ void store_checkpoints(const KdaParams& p, int seq, int h, int chunk,
+                                                  const float (&S)[kStateTiles][4], int row_lo, int tq) {
+  const long long tokens = static_cast<long long>(chunk + 1) * kChunk;
+  for (int c = 0; c < p.ext.ckpt.num_checkpoints; ++c) {
+    const long long index = static_cast<long long>(seq) * p.ext.ckpt.num_checkpoints + c;
+    if (load_index(p.ext.ckpt.checkpoint_offsets, p.ext.ckpt.offsets_int64, index) != tokens) continue;
+    const long long offset = (index * p.num_heads + h) * kHeadV * kHeadK;
+    if (p.ext.ckpt.checkpoint_bf16) {
+      store_fragment<kStateBF16>(p.ext.ckpt.checkpoint_state, offset, S, row_lo, tq);
+    } else {
+      store_fragment<kStateFP32>(p.ext.ckpt.checkpoint_state, offset, S, row_lo, tq);
+    }
+  }
 }
 
 template <class Cfg, int STATE_IN, int STATE_OUT>
@@ -96,8 +88,7 @@ __device__ void consumer(const KdaParams& p, SharedStorage<Cfg>& sm, const State
       S[n][hh * 2 + 1] = val.y;
     }
   }
-  int checkpoint_chunk =
-      (p.features & kFeatureCheckpoints) ? checkpoint_step(p, seq, h, -1, seq_len, S, row_lo, tq) : kNoChunk;
+  int checkpoint_chunk = (p.features & kFeatureCheckpoints) ? next_checkpoint_chunk(p, seq, -1, seq_len) : kNoChunk;
 
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int s = chunk % kSlots;
@@ -165,7 +156,8 @@ __device__ void consumer(const KdaParams& p, SharedStorage<Cfg>& sm, const State
       mma16816(S[n + 1], uf, rb[2], rb[3]);
     }
     if (chunk == checkpoint_chunk) {  // S is now the state after this chunk's last token
-      checkpoint_chunk = checkpoint_step(p, seq, h, chunk, seq_len, S, row_lo, tq);
+      store_checkpoints(p, seq, h, chunk, S, row_lo, tq);
+      checkpoint_chunk = next_checkpoint_chunk(p, seq, chunk, seq_len);
     }
     // The slot is no longer needed here: tell its producing CTA (rank s % kCluster).
     if (chunk + kSlots < num_chunks) {
