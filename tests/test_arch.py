@@ -12,7 +12,7 @@ import torch
 from flash_kda import api
 from flash_kda.jit.arch import ALL_TARGETS, ARCHS, REFERENCE_TARGET, arch_for_capability, check_target
 from flash_kda.jit.compiler import NVRTCCompiler
-from flash_kda.jit.spec import DecodeSpec, KernelSpec, all_specs, spec_state_dtypes
+from flash_kda.jit.spec import DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict, spec_state_dtypes
 from flash_kda.precompile import resolve_targets
 
 # Instructions that exist from sm_90 on; the portable variant's compute_80 PTX must have none of them.
@@ -70,6 +70,21 @@ def test_producer_remat_follows_the_arch_table():
     assert twin.arch == "sm_90a" and "Config<64, 2, 4, true>" in twin.source() and twin != KernelSpec("fp32", "fp32")
     with pytest.raises(ValueError, match="producer_remat must be a bool or None"):
         KernelSpec("fp32", "fp32", producer_remat=1)
+
+
+def test_cache_metadata_round_trips_and_earlier_entries_read_back_as_built():
+    """spec_from_dict (what verify reads from an entry's metadata): this version's dicts give the spec back;
+    a chunked entry written before producer_remat existed was built without it, so it reads back as such
+    (its name is the entry's directory, and verify counts it as another version's entry); one with the
+    earlier layout field is named as such."""
+    for target in ALL_TARGETS:
+        spec = KernelSpec("bf16", "fp32", v_block=32, gate="bounded_wide", arch=target)
+        assert spec_from_dict(spec.to_dict()) == spec
+    earlier = {k: v for k, v in KernelSpec("fp32", "fp32", arch="sm_100a").to_dict().items() if k != "producer_remat"}
+    old = spec_from_dict(earlier)
+    assert old.producer_remat is False and "_remat_" not in old.name
+    with pytest.raises(EarlierSpecLayout, match="spec fields \\['varlen'\\]"):
+        spec_from_dict({**earlier, "varlen": True})
 
 
 @pytest.mark.parametrize("call,kernel", [

@@ -275,8 +275,11 @@ _EARLIER_FIELDS = frozenset({"varlen"})
 def spec_from_dict(data: dict) -> AnySpec:
     """The spec a cache entry's metadata describes (``to_dict``)."""
     data = dict(data)
-    if data.get("kind", "chunk") == "chunk" and _EARLIER_FIELDS & data.keys():
-        raise EarlierSpecLayout(f"written by an earlier flash_kda (spec fields {sorted(_EARLIER_FIELDS & data.keys())})")
+    if data.get("kind", "chunk") == "chunk":
+        if _EARLIER_FIELDS & data.keys():
+            raise EarlierSpecLayout(f"written by an earlier flash_kda (spec fields {sorted(_EARLIER_FIELDS & data.keys())})")
+        # entries written before producer_remat existed were built without it, whatever the arch's choice now
+        data.setdefault("producer_remat", False)
     cls = SPEC_KINDS[data.pop("kind", "chunk")]
     return cls(**data)
 
