@@ -41,9 +41,8 @@ def ptx_kernels(monkeypatch):
         return loaded[twin]
 
     monkeypatch.setattr(api, "get_kernel", from_ptx)
-    monkeypatch.setattr(api, "_launchers", {})
+    monkeypatch.setattr(api, "_launchers", {})  # restored at teardown: the twins' launchers go with it
     yield ran
-    api._launchers.clear()
 
 
 @pytest.mark.parametrize("lower_bound,v_block", [(-5.0, 32), (-5.0, 64), (-5.0, 128), (None, 64), (-8.0, 32)])

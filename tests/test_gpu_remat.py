@@ -7,6 +7,7 @@ two and single CTAs), every gate kind and V-slice width, against the float64 ref
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -24,26 +25,21 @@ TOL = 5e-3
 
 @pytest.fixture
 def remat_kernels(monkeypatch):
-    """fwd launches the PRODUCER_REMAT twin of each chunked spec it picks (cluster size as asked by
-    the test through ``remat_kernels.cluster``); yields the specs that ran."""
+    """fwd launches the PRODUCER_REMAT twin of each chunked spec it picks, with ``remat_kernels.cluster``
+    CTAs a cluster where the spec has several slices (the test sets it); ``remat_kernels.ran`` lists
+    the twins that ran."""
     real_get_kernel = api.get_kernel
-
-    class Ran(list):
-        cluster = 2
-
-    ran = Ran()
+    state = types.SimpleNamespace(cluster=2, ran=[])
 
     def remat_twin(spec, device_index):
         if isinstance(spec, KernelSpec):
-            cluster = ran.cluster if spec.splits >= 2 else 1
-            spec = dataclasses.replace(spec, producer_remat=True, cluster=cluster)
-            ran.append(spec)
+            spec = dataclasses.replace(spec, producer_remat=True, cluster=state.cluster if spec.splits >= 2 else 1)
+            state.ran.append(spec)
         return real_get_kernel(spec, device_index)
 
     monkeypatch.setattr(api, "get_kernel", remat_twin)
-    monkeypatch.setattr(api, "_launchers", {})
-    yield ran
-    api._launchers.clear()
+    monkeypatch.setattr(api, "_launchers", {})  # restored at teardown: the twins' launchers go with it
+    yield state
 
 
 CASES = [(-5.0, 32), (-5.0, 64), (-5.0, 128), (-8.0, 32), (-8.0, 64), (None, 32), (None, 64)]
@@ -70,8 +66,9 @@ def test_remat_producer_matches_the_reference(remat_kernels, lower_bound, v_bloc
     torch.cuda.synchronize()
     ref_out, ref_state = kda_reference(q, k, v, g, beta, 128 ** -0.5, inp["A_log"], inp["dt_bias"], lower_bound,
                                        initial_state=h0, cu_seqlens=cu)
-    assert remat_kernels and all(spec.producer_remat for spec in remat_kernels)
-    assert remat_kernels[-1].cluster == (cluster if v_block < 128 else 1)
-    assert "_remat_" in remat_kernels[-1].name
+    ran = remat_kernels.ran
+    assert ran and all(spec.producer_remat for spec in ran)
+    assert ran[-1].cluster == (cluster if v_block < 128 else 1)
+    assert "_remat_" in ran[-1].name
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     assert rel_rms(out, ref_out) <= TOL and rel_rms(final, ref_state) <= TOL
