@@ -1,17 +1,23 @@
 """The serving path: decode, speculative verify and chunked prefill on a state pool, against FLA's
 ``fused_recurrent_kda_fwd`` (pool in place) and the state-traffic floor, timed in the same process.
 
-Times are ``triton.testing.do_bench`` medians (the L2 is flushed before every call). Decode and verify
-steps are timed as the replay of a CUDA graph holding the one call, ours and FLA's alike, which is how
-engines run them. Eagerly, FLA's host cost (Python and a Triton launch) can exceed the flush kernel
-and be timed instead of its kernel. Chunked prefill is timed eagerly; the flush hides our host cost,
-as in BASELINES.md. The floor is the state bytes a step must
-move (each addressed state read once and written once, or written once per token when verify
-stores every token's state) over the device-to-device copy bandwidth measured here.
-Usage: python benchmarks/bench_decode.py [--no-fla] [--no-softplus] [--sweep]
+Times are ``triton.testing.do_bench`` medians (the L2 is flushed before every replay). Decode and verify
+steps are timed as CUDA-graph replays, ours and FLA's alike, which is how engines run them, in two ways:
+- one call per graph: every replay pays the graph launch and the write-back of the flush's dirty L2
+  (about 5 µs together: an empty replay measures that much), a fixed cost of the harness;
+- a step of LAYERS layers per graph (each layer its own pool and inputs, the same slots, as an engine's
+  decode step walks its KDA layers), flushed once per replay, reported per layer: what a layer costs
+  inside an engine's captured step.
+Eagerly, FLA's host cost (Python and a Triton launch) can exceed the flush kernel and be timed instead of
+its kernel. Chunked prefill is timed eagerly; the flush hides our host cost, as in BASELINES.md. The
+floor is the state bytes a step must move (each addressed state read once and written once, or written
+once per token when verify stores every token's state) over the device-to-device copy bandwidth
+measured here.
+Usage: python benchmarks/bench_decode.py [--no-fla] [--no-softplus] [--sweep] [--layers L]
 --no-softplus: skip the softplus-gate rows (for commits before the softplus gate).
 --sweep: also time one-token steps and verify with every CTAs-per-head choice (the rule in
-flash_kda.api._decode_ctas_per_head picks one of them; this checks it)."""
+flash_kda.api._decode_ctas_per_head picks one of them; this checks it).
+--layers: layers per step graph (default 8; 0 skips the step-graph columns)."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +46,15 @@ def bench(fn, graph: bool = False) -> float:
             fn()
         fn = step.replay
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def bench_step(calls: list) -> float:
+    """Milliseconds per call of one CUDA graph holding ``calls`` in order (an engine's step over its
+    layers), flushed once per replay."""
+    def step():
+        for call in calls:
+            call()
+    return bench(step, graph=True) / len(calls)
 
 
 def copy_bandwidth() -> float:
@@ -71,41 +86,46 @@ def pool_of(slots: int, dtype) -> torch.Tensor:
     return (torch.randn(slots, H, 128, 128, device="cuda") * 0.1).to(dtype)
 
 
-def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None = -5.0) -> tuple:
+def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None = -5.0, layers: int = 1) -> tuple:
+    """(ours, FLA or None, floor) in ms per call: one call per graph when ``layers`` is 1, else per
+    layer of a step graph (bench_step)."""
     slots = max(512, 2 * N)
-    inp = make_inputs(1, N, H, seed=N)
     cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
-    indices = torch.randperm(slots, device="cuda")[:N].to(torch.int32)
-    pool = pool_of(slots, dtype)
-    out = torch.empty_like(inp["v"])
-
-    def ours():
-        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
-                      inp["dt_bias"], lower_bound, initial_state=pool, final_state=pool, cu_seqlens=cu,
-                      state_indices=indices, max_seqlen=1)
-
-    t_ours = bench(ours, graph=True)
-    t_fla = bench(lambda: fla(inp, pool, cu, indices), graph=True) if fla else None
+    ours, theirs = [], []
+    for layer in range(layers):
+        inp = make_inputs(1, N, H, seed=N + 1000 * layer)
+        if layer == 0:
+            indices = torch.randperm(slots, device="cuda")[:N].to(torch.int32)
+        pool = pool_of(slots, dtype)
+        out = torch.empty_like(inp["v"])
+        ours.append(lambda inp=inp, pool=pool, out=out: flash_kda.fwd(
+            inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"], inp["dt_bias"],
+            lower_bound, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=1))
+        theirs.append(lambda inp=inp, pool=pool: fla(inp, pool, cu, indices))
+    t_ours = bench_step(ours)
+    t_fla = bench_step(theirs) if fla else None
     floor = 2 * N * H * VK * pool.element_size() / bandwidth
     return t_ours, t_fla, floor
 
 
-def verify_case(N: int, T: int, dtype, fla, bandwidth: float) -> tuple:
+def verify_case(N: int, T: int, dtype, fla, bandwidth: float, layers: int = 1) -> tuple:
     slots = max(512, 2 * N * T)
-    inp = make_inputs(1, N * T, H, seed=7)
     cu = torch.arange(0, N * T + 1, T, device="cuda", dtype=torch.int32)
-    indices = torch.randperm(slots, device="cuda")[:N * T].view(N, T).to(torch.int32)
-    accepted = torch.randint(1, T + 1, (N,), device="cuda", dtype=torch.int32)
-    pool = pool_of(slots, dtype)
-    out = torch.empty_like(inp["v"])
-
-    def ours():
-        flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"],
-                      inp["dt_bias"], -5.0, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices,
-                      num_accepted_tokens=accepted, max_seqlen=T)
-
-    t_ours = bench(ours, graph=True)
-    t_fla = bench(lambda: fla(inp, pool, cu, indices, accepted), graph=True) if fla else None
+    ours, theirs = [], []
+    for layer in range(layers):
+        inp = make_inputs(1, N * T, H, seed=7 + 1000 * layer)
+        if layer == 0:
+            indices = torch.randperm(slots, device="cuda")[:N * T].view(N, T).to(torch.int32)
+            accepted = torch.randint(1, T + 1, (N,), device="cuda", dtype=torch.int32)
+        pool = pool_of(slots, dtype)
+        out = torch.empty_like(inp["v"])
+        ours.append(lambda inp=inp, pool=pool, out=out: flash_kda.fwd(
+            inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"], inp["dt_bias"], -5.0,
+            initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, num_accepted_tokens=accepted,
+            max_seqlen=T))
+        theirs.append(lambda inp=inp, pool=pool: fla(inp, pool, cu, indices, accepted))
+    t_ours = bench_step(ours)
+    t_fla = bench_step(theirs) if fla else None
     floor = (1 + T) * N * H * VK * pool.element_size() / bandwidth
     return t_ours, t_fla, floor
 
@@ -130,6 +150,7 @@ def main() -> None:
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-softplus", action="store_true")
+    parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
     fla = None if args.no_fla else fla_fused_recurrent()
     props = torch.cuda.get_device_properties(0)
@@ -138,20 +159,27 @@ def main() -> None:
           f"{flash_kda.__version__}, commit {os.environ.get('FLASH_KDA_COMMIT', 'unknown')}; FLA fused_recurrent "
           f"{'timed' if fla else 'not available'}; copy bandwidth {bandwidth / 1e9:.2f} TB/s (read + write)")
     print(f"\nH = {H}, K = V = 128, pool of max(512, 2N) slots, random slots, bounded gate; "
-          "do_bench medians in ms of a CUDA graph replay (L2 flushed); floor = state bytes / copy bandwidth\n")
-    print("| case | pool | ours ms | FLA ms | FLA/ours | floor ms | ours/floor | target | pass |")
-    print("|---|---|---:|---:|---:|---:|---:|---|:---:|")
-    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        for N in (1, 8, 32, 128, 256, 1024):
-            ours, theirs, floor = decode_case(N, dtype, fla, bandwidth)
-            if N <= 32:
-                target, ok = f"≥ {TARGET_VS_FLA}× FLA", theirs is not None and theirs / ours >= TARGET_VS_FLA
-            else:
-                target, ok = f"≤ {TARGET_VS_FLOOR}× floor", ours / floor <= TARGET_VS_FLOOR
-            print(_row(f"decode T=1 N={N}", label, ours, theirs, floor, target, ok))
-        ours, theirs, floor = verify_case(64, 4, dtype, fla, bandwidth)
-        print(_row("verify N=64 T=4, state per token", label, ours, theirs, floor, f"≤ {TARGET_VS_FLOOR}× floor",
-                   ours / floor <= TARGET_VS_FLOOR))
+          "do_bench medians in ms; floor = state bytes / copy bandwidth")
+    for layers in (1, args.layers) if args.layers > 1 else (1,):
+        if layers == 1:
+            print("\nOne call per CUDA graph replay (L2 flushed before each):\n")
+        else:
+            print(f"\nPer layer of a {layers}-layer step graph (each layer its own pool and inputs, the same slots; "
+                  "L2 flushed once per replay):\n")
+        print("| case | pool | ours ms | FLA ms | FLA/ours | floor ms | ours/floor | target | pass |")
+        print("|---|---|---:|---:|---:|---:|---:|---|:---:|")
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for N in (1, 8, 32, 128, 256, 1024):
+                ours, theirs, floor = decode_case(N, dtype, fla, bandwidth, layers=layers)
+                if N <= 32:
+                    target, ok = f"≥ {TARGET_VS_FLA}× FLA", theirs is not None and theirs / ours >= TARGET_VS_FLA
+                else:
+                    target, ok = f"≤ {TARGET_VS_FLOOR}× floor", ours / floor <= TARGET_VS_FLOOR
+                print(_row(f"decode T=1 N={N}", label, ours, theirs, floor, target, ok))
+                torch.cuda.empty_cache()  # a step's pools are large: give them back before the next case
+            ours, theirs, floor = verify_case(64, 4, dtype, fla, bandwidth, layers=layers)
+            print(_row("verify N=64 T=4, state per token", label, ours, theirs, floor, f"≤ {TARGET_VS_FLOOR}× floor",
+                       ours / floor <= TARGET_VS_FLOOR))
     if not args.no_softplus:
         softplus_rows(bandwidth)
     t_pool, t_dense = chunked_prefill_case(8, 256)
