@@ -160,7 +160,9 @@ def _stream_handle(device_index: int):
 def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool, v_block: int,
               gate: str) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
-    spec = _spec(state_in, state_out, varlen, v_block, gate, device_arch(device_index))
+    arch = device_arch(device_index)
+    chunk_variant(arch)  # a FLASH_KDA_KERNEL this arch cannot honour fails the first launch of any kernel
+    spec = _spec(state_in, state_out, varlen, v_block, gate, arch)
     launcher = (get_kernel(spec, device_index), spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block, gate)] = launcher
     return launcher

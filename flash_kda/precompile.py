@@ -186,8 +186,9 @@ def verify(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLik
         if path in expected:
             spec, key = expected[path]
         else:
-            spec, key = _spec_of(path)
-            if spec is None and key.startswith("written by an earlier flash_kda"):
+            try:
+                spec, key = _spec_of(path)
+            except EarlierSpecLayout:
                 report.other_entries += 1  # never loaded: another name and key than any entry of this version
                 continue
             if spec is None:
@@ -209,12 +210,13 @@ def verify(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLik
 
 
 def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
-    """The spec and key an entry of another version claims (or None and why it cannot be read)."""
+    """The spec and key an entry of another version claims (or None and why it cannot be read).
+    Raises EarlierSpecLayout for an entry whose metadata an earlier flash_kda wrote in its own layout."""
     try:
         meta = json.loads(cubin_path.with_suffix(".json").read_text())
         spec = spec_from_dict(meta["spec"])
-    except EarlierSpecLayout as exc:
-        return None, str(exc)
+    except EarlierSpecLayout:
+        raise  # a ValueError, but not an unreadable entry: the caller counts it as another version's
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return None, f"unreadable metadata ({exc})"
     if cubin_path.stem != meta.get("key") or cubin_path.parent.name != spec.name:

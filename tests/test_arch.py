@@ -4,14 +4,18 @@ precompiled headers that make compiling for every target affordable."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from flash_kda import api
 from flash_kda.jit.arch import ALL_TARGETS, ARCHS, REFERENCE_TARGET, arch_for_capability, check_target
-from flash_kda.jit.compiler import NVRTCCompiler
+from flash_kda.jit.compiler import PCH_PREFIX, PCH_STALE_SECONDS, NVRTCCompiler, remove_stale_pch_dirs
 from flash_kda.jit.spec import DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict, spec_state_dtypes
 from flash_kda.precompile import resolve_targets
 
@@ -172,3 +176,19 @@ def test_precompiled_headers_do_not_change_the_cubin(monkeypatch):
         monkeypatch.setenv("FLASH_KDA_JIT_PCH", setting)
         digests.append(hashlib.sha256(NVRTCCompiler()._compile(spec, ptx=False, verbose=False)[0]).hexdigest())
     assert len(set(digests)) == 1
+
+
+def test_pch_directories_of_killed_processes_are_removed(tmp_path):
+    """A precompile worker killed by SIGKILL runs no atexit: the next process to build a PCH removes its
+    directory once it is PCH_STALE_SECONDS old, and keeps a running process's, a recent one and others."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale, recent = tmp_path / f"{PCH_PREFIX}{dead_pid}_a", tmp_path / f"{PCH_PREFIX}{dead_pid}_b"
+    running, unrelated = tmp_path / f"{PCH_PREFIX}{os.getpid()}_c", tmp_path / f"{PCH_PREFIX}other"
+    for directory in (stale, recent, running, unrelated):
+        (directory / "0123abcd").mkdir(parents=True)
+    old = time.time() - 2 * PCH_STALE_SECONDS
+    for directory in (stale, running, unrelated):
+        os.utime(directory, (old, old))
+    assert remove_stale_pch_dirs(str(tmp_path)) == 1
+    assert not stale.exists() and recent.exists() and running.exists() and unrelated.exists()

@@ -2,6 +2,7 @@
 never succeeds silently, and ``verify`` finds what is wrong with a baked cache."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,22 @@ def test_verify_reports_each_problem_in_one_line(baked_copy):
     res = cli("precompile", "--arch", "all", "--cache-dir", str(baked_copy), FLASH_KDA_DISABLE_JIT="1")  # compiles nothing
     assert res.returncode == 1 and "compiled" not in res.stdout.replace("nothing is compiled", "")
     assert "PROBLEM" in res.stdout
+
+
+def test_verify_counts_an_entry_in_an_earlier_metadata_layout_as_another_versions(baked_copy):
+    """An entry whose metadata an earlier flash_kda wrote (a chunked spec with its former varlen field)
+    is never loaded by this version: verify counts it among other versions' entries, not as a problem."""
+    entry = sorted(baked_copy.glob("kda_fwd_*/*.cubin"))[0]
+    meta = json.loads(entry.with_suffix(".json").read_text())
+    meta["spec"]["varlen"] = True
+    earlier = baked_copy / (entry.parent.name + "_varlen")
+    earlier.mkdir()
+    shutil.copy(entry, earlier / entry.name)
+    (earlier / entry.name).with_suffix(".json").write_text(json.dumps(meta))
+    res = cli("verify", "--arch", "all", "--cache-dir", str(baked_copy))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().endswith(f"{N_SPECS}/{N_SPECS} specialisations present and intact; "
+                                       "1 entries of other versions or compilers; 0 problems"), res.stdout
 
 
 def test_verify_flags_a_bake_that_other_users_cannot_read(baked_copy):

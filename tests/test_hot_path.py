@@ -253,6 +253,19 @@ def test_choose_v_block_keeps_the_sweep_rule(monkeypatch, variant):
         api.reset_variant()
 
 
+def test_a_bad_variant_setting_fails_the_first_launch_of_any_kernel(device, monkeypatch):
+    """FLASH_KDA_KERNEL names the chunked kernel's variant; a wrong value fails a decode-only process too
+    (its first launch), not only the first chunked one."""
+    monkeypatch.setenv("FLASH_KDA_KERNEL", "fast")
+    api.chunk_variant.cache_clear()  # (the fixture's stubs stand in for the rest of reset_variant's caches)
+    try:
+        with pytest.raises(ValueError, match="FLASH_KDA_KERNEL must be one of clustered, portable"):
+            flash_kda.fwd(**inputs(T=1))  # the token-by-token kernel
+        assert not device[1]
+    finally:
+        api.chunk_variant.cache_clear()
+
+
 def test_bad_v_block_is_refused_before_launch(device):
     with pytest.raises(ValueError, match=r"v_block must be one of \(32, 64, 128\), got 48"):
         flash_kda.fwd(**inputs(), v_block=48)

@@ -29,8 +29,10 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import CompileError, CompilerUnavailableError
@@ -169,14 +171,55 @@ class NVRTCCompiler(Compiler):
             nvrtc.nvrtcDestroyProgram(prog)
 
 
+PCH_PREFIX = "flash_kda_pch_"  # + the owning process's pid + "_" + mkdtemp's suffix
+PCH_STALE_SECONDS = 3600
+
+
 @functools.lru_cache(maxsize=None)
 def _pch_root() -> str:
-    """This process's private directory for precompiled headers (0700), made at first use and removed at exit."""
+    """This process's private directory for precompiled headers (0700), made at first use and removed at
+    exit; those that killed processes left behind (no atexit) are removed here."""
     from cuda.bindings import nvrtc
     _check_nvrtc(nvrtc.nvrtcSetPCHHeapSize(PCH_HEAP_BYTES)[0], "nvrtcSetPCHHeapSize")
-    root = tempfile.mkdtemp(prefix="flash_kda_pch_")
+    remove_stale_pch_dirs(tempfile.gettempdir())
+    root = tempfile.mkdtemp(prefix=f"{PCH_PREFIX}{os.getpid()}_")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root
+
+
+def remove_stale_pch_dirs(parent: str) -> int:
+    """Remove the PCH directories under ``parent`` that this user's processes left when killed: their
+    pid is not running and they have not changed for PCH_STALE_SECONDS (a pid in another pid namespace
+    sharing the directory looks dead from here: the age keeps a live one's). Returns how many."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        pid = entry.name[len(PCH_PREFIX):].split("_", 1)[0] if entry.name.startswith(PCH_PREFIX) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and now - info.st_mtime >= PCH_STALE_SECONDS
+                and not _process_exists(int(pid))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+            log.debug("flash_kda: removed %s, left by process %s", entry.path, pid)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _pch_flags(headers: dict[str, str]) -> list[str]:
