@@ -4,10 +4,11 @@ Prints a markdown table (ours ms, FLA ms, ratio, issue-3 target, pass/fail, floo
 V-slice sweep, the portable variant (FLASH_KDA_KERNEL=portable) beside the default and FLA, the
 serving inputs, the gate table (the softplus gate and lower_bound = -8 beside the bounded gate, and
 FLA's softplus path), the host cost per call and the first-call costs.
-Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick | --portable | --serving]
+Usage: python benchmarks/bench_fwd.py [--no-fla] [--reps N] [--quick | --portable | --serving | --gates]
 (--quick: the main table only, with plain calls, so that it can time an older flash_kda too;
 --portable: the main table and the portable variant's; --serving: the main table and the serving
-inputs', strided and checkpointed, which a flash_kda since the serving path can also time)."""
+inputs', strided and checkpointed, which a flash_kda since the serving path can also time; --gates:
+the main table and the gate table)."""
 from __future__ import annotations
 
 import argparse
@@ -168,8 +169,11 @@ def main() -> None:
     parser.add_argument("--portable", action="store_true", help="the main table and the portable variant's")
     parser.add_argument("--serving", action="store_true", help="the main table and the serving inputs' (strided, "
                         "checkpoints)")
+    parser.add_argument("--gates", action="store_true", help="the main table and the gates' (softplus, lower_bound "
+                        "-8; FLA's softplus path unless --no-fla)")
     args = parser.parse_args()
-    parts = () if args.quick else ("portable",) if args.portable else ("serving",) if args.serving else PARTS
+    parts = (() if args.quick else ("portable",) if args.portable else ("serving",) if args.serving
+             else ("gates",) if args.gates else PARTS)
     with_fla = not args.no_fla
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 # g + dt_bias per token and channel (dt_bias is 0 here, so g carries it); bf16 holds +-60 exactly
 # (chunk_mix: 16-token chunks alternately moderate and wiping, so that the kernel's producers switch between
-# the split and the anchored chunk form inside one sequence)
+# the centred and the anchored chunk form inside one sequence)
 PATTERNS = ("normal", "wide", "wipe", "keep", "channel_mix", "token_mix", "chunk_mix")
 
 
@@ -70,11 +70,11 @@ def test_softplus_gate_lengths(pattern, T):
     assert_close(*run_case(inp, lower_bound=None, seed=T))
 
 
-@pytest.mark.parametrize("nats", [3.0, 7.0, 12.0], ids=["factorised", "split", "anchored"])
+@pytest.mark.parametrize("nats", [3.0, 7.0, 12.0], ids=["factorised", "centred", "anchored"])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_each_chunk_form(nats, varlen):
     """A steady decay of about `nats` per token and channel: 16 tokens of it fit the factorised form's
-    80 nats (3), only 8 tokens do (7: the split form), or neither (12: the anchored form)."""
+    80 nats (3), only 8 tokens do (7: the centred form), or neither (12: the anchored form)."""
     lens = [40, 0, 75, 17]
     cu = torch.tensor([0, *itertools.accumulate(lens)], device="cuda") if varlen else None
     inp = make_inputs(1, sum(lens), 2, seed=int(nats)) if varlen else make_inputs(2, 64, 2, seed=int(nats))

@@ -21,7 +21,7 @@ def range_sums(gamma: torch.Tensor) -> torch.Tensor:
     return D
 
 
-FORMS = ("factorised", "split", "anchored")  # the chunked kernel's forms (kda_chunk_anchored.cuh)
+FORMS = ("factorised", "centred", "anchored")  # the chunked kernel's forms (kda_chunk_anchored.cuh)
 
 
 def anchor_rows(C: int) -> torch.Tensor:
@@ -38,26 +38,26 @@ def decayed_pairs(left: torch.Tensor, right: torch.Tensor, gamma: torch.Tensor, 
     (docs/algorithm.md, section 2), from the chunk's per-token log decays gamma [H, C, K], by one of the
     kernel's forms:
     factorised: (left * e^G) (right * e^-G)^T, G = cumsum(gamma) (the bounded gate's kernel);
-    split: the same within each half of the chunk, from the half's start; pairs across the halves
-        anchored at row 7;
+    centred: every pair through row 7, (left * e^(G - G_7)) (right * e^(G_7 - G))^T, as the kernel
+        computes it (differences of the cumulative sums; entries above the diagonal may overflow and
+        are dropped);
     anchored: each pair through an anchor row a between them (anchor_rows),
         (left_i * e^(G_i - G_a)) . (right_j * e^(G_a - G_j)), every exponent a range sum of gamma (<= 0)."""
     if form == "factorised":
         G = gamma.cumsum(1)
         return torch.tril((left * G.exp()) @ (right * (-G).exp()).transpose(1, 2))
     C = gamma.shape[1]
+    if form == "centred":
+        G = gamma.cumsum(1)
+        G7 = G[:, min(7, C - 1)].unsqueeze(1)
+        return torch.tril((left * (G - G7).exp()) @ (right * (G7 - G).exp()).transpose(1, 2))
     D = range_sums(gamma)
     rows = torch.arange(C)
     i, j = rows[:, None], rows[None, :]
-    anchor = anchor_rows(C) if form == "anchored" else torch.full((C, C), 7).clamp(max=C - 1)
+    anchor = anchor_rows(C)
     left_exp = D[:, i, anchor + 1]                                  # sum over a < t <= i   [H, C, C, K]
     right_exp = D[:, anchor, j + 1]                                 # sum over j < t <= a
     pairs = ((left[:, :, None] * left_exp.exp()) * (right[:, None] * right_exp.exp())).sum(-1)
-    if form == "split":  # within a half: factorised from the half's first row
-        halves = [slice(0, min(8, C)), slice(8, C)]
-        for half in halves:
-            G = gamma[:, half].cumsum(1)
-            pairs[:, half, half] = (left[:, half] * G.exp()) @ (right[:, half] * (-G).exp()).transpose(1, 2)
     return torch.tril(pairs)
 
 
@@ -198,7 +198,7 @@ def deepest_decay(gamma: torch.Tensor, rows: int) -> float:
 def test_chunk_forms_in_float32(kind, a_log, lower_bound):
     """The kernel's precision (fp32). The anchored form stays within 1e-6 of the float64 recurrence for
     every gate (measured worst 1.2e-7). The factorised form is as good while a chunk decays by less than
-    80 nats in every channel, and not finite past 100; the split form while each half of a chunk does:
+    80 nats in every channel, and not finite past 100; the centred form while each half of a chunk does:
     the limits by which the kernel's producers pick the form (choose_chunk_form)."""
     inp = general_gate_inputs(kind, a_log)
     h0 = torch.randn(1, 2, 8, 16, dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_chunk_forms_in_float32(kind, a_log, lower_bound):
     out_a, state_a = chunked_kda(*args, initial_state=h0, form="anchored", dtype=torch.float32)
     assert rel_rms(out_a, out) < 1e-6 and rel_rms(state_a, state) < 1e-6
     gamma = kda_gate(inp["g"], inp["A_log"], inp["dt_bias"], lower_bound)[0]   # [T, H, K]
-    for form, rows in (("factorised", 16), ("split", 8)):
+    for form, rows in (("factorised", 16), ("centred", 8)):
         out_f, state_f = chunked_kda(*args, initial_state=h0, form=form, dtype=torch.float32)
         if deepest_decay(gamma, rows) < 80:
             assert rel_rms(out_f, out) < 1e-6 and rel_rms(state_f, state) < 1e-6, form
@@ -215,15 +215,15 @@ def test_chunk_forms_in_float32(kind, a_log, lower_bound):
             assert not (torch.isfinite(out_f).all() and torch.isfinite(state_f).all()), form
 
 
-def test_split_form_covers_steady_decays_the_factorised_form_cannot():
-    """About 7 nats per token: 112 per chunk (the factorised form overflows), 56 per half (the split form
-    holds), as the producers' vote assumes."""
+def test_centred_form_covers_steady_decays_the_factorised_form_cannot():
+    """About 7 nats per token: 112 per chunk (the factorised form overflows), 56 per half (the centred
+    form holds), as the producers' vote assumes."""
     inp = general_gate_inputs("normal", 0.0, T=48)
     inp["g"] = torch.full_like(inp["g"], 7.0)   # softplus(7) ~ 7 nats per token
     h0 = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.25, inp["A_log"], inp["dt_bias"], None)
     out, state = kda_reference(*args, initial_state=h0)
-    out_s, state_s = chunked_kda(*args, initial_state=h0, form="split", dtype=torch.float32)
+    out_s, state_s = chunked_kda(*args, initial_state=h0, form="centred", dtype=torch.float32)
     assert rel_rms(out_s, out) < 1e-6 and rel_rms(state_s, state) < 1e-6
     out_f, _ = chunked_kda(*args, initial_state=h0, form="factorised", dtype=torch.float32)
     assert not torch.isfinite(out_f).all()

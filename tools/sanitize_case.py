@@ -36,7 +36,7 @@ for vb in (32, 64, 128):
     flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb)
     flash_kda.fwd(*args(inp), out, *gates, initial_state=h0, final_state=h0, cu_seqlens=cu.long(), v_block=vb)
 
-# the general gates: softplus with chunks of every form (factorised, split, anchored), and lower_bound -1e4
+# the general gates: softplus with chunks of every form (factorised, centred, anchored), and lower_bound -1e4
 mixed = dict(inp, g=torch.cat([torch.randn(1, 60, H, 128), torch.full((1, 50, H, 128), 7.0),
                                torch.full((1, 55, H, 128), 60.0)], 1).to("cuda", torch.bfloat16))
 for lower_bound in (None, -1e4):

@@ -5,10 +5,10 @@
 // j <= a <= i:  e^{D(j, i)} = e^{D(a, i)} e^{D(j, a)}, both factors in [0, 1]. The producer picks one of
 // three forms per chunk (a warp vote on the gate values, choose_chunk_form): the factorised one of the
 // bounded kernel when the whole chunk decays by at most 80 nats in every channel, else
-//   * split: when each half of the chunk (rows 0-7, 8-15) decays by at most 80 nats in every channel
-//     (always for lower_bound >= -10). Pairs inside a half are factorised as in the bounded kernel,
-//     from the half's first row (|exponent| <= 80 nats); pairs across the halves are anchored at row 7.
-//     One more tensor-core product per k-step than the factorised form;
+//   * centred: when each half of the chunk (rows 0-7, 8-15) decays by at most 80 nats in every channel
+//     (always for lower_bound >= -10). Every pair is factorised through row 7, (k^ e^{G_i - G_7}) .
+//     (k^ e^{G_7 - G_j}), each factor within e^{+-80}: the factorised form's products, its left operands
+//     in the raw q and k tiles;
 //   * anchored: any gate. Pairs across the halves use a = 7 (level 1); pairs across the two quarters of
 //     one half (rows 4-7 x 0-3, 12-15 x 8-11) use a = 3 or 11 (level 2); pairs inside one quarter
 //     ("near" pairs) and M's diagonal are summed directly in fp32. Every factor is a running product of
@@ -234,7 +234,7 @@ __device__ __forceinline__ void anchored_products(RawChunk<CV>& raw, const NearP
 
 // ---------------------------------------------------------------- choosing the form
 
-enum ChunkForm { kFactorisedForm, kSplitForm, kAnchoredForm };
+enum ChunkForm { kFactorisedForm, kCentredForm, kAnchoredForm };
 
 // How far a chunk (or half of one) may decay in every channel for e^{+-G} to be factorised from its
 // first row: 80 nats, the bounded kernel's worst case over a whole chunk (lower_bound = -5, 16 tokens);
@@ -242,7 +242,7 @@ enum ChunkForm { kFactorisedForm, kSplitForm, kAnchoredForm };
 constexpr float kFactorLimit2 = -80.0f * kLog2e;
 
 // The cheapest exact form for a chunk, from its cumulative log2 decays G2 (warp-uniform: one vote over the
-// warp's 128 channels): factorised when the whole chunk fits the limit, split when each half does,
+// warp's 128 channels): factorised when the whole chunk fits the limit, centred when each half does,
 // else anchored. (A G2 that overflowed to -inf, or a NaN difference of two, votes anchored.)
 __device__ __forceinline__ ChunkForm choose_chunk_form(const float (&G2)[kChunk][4]) {
   bool whole_fits = true, halves_fit = true;
@@ -253,99 +253,93 @@ __device__ __forceinline__ ChunkForm choose_chunk_form(const float (&G2)[kChunk]
     halves_fit = halves_fit && first >= kFactorLimit2 && whole - first >= kFactorLimit2;
   }
   if (__all_sync(kFullMask, whole_fits)) return kFactorisedForm;
-  return __all_sync(kFullMask, halves_fit) ? kSplitForm : kAnchoredForm;
+  return __all_sync(kFullMask, halves_fit) ? kCentredForm : kAnchoredForm;
 }
 
-// ---------------------------------------------------------------- the split form
+// ---------------------------------------------------------------- the centred form
 
-// The split form's operands, from the cumulative log2 decays G2[r][j] (rows past the sequence repeat
-// the last row). Writes Kd, Qd, Kr, Gamma into the stage; k^ e^{-G} of the first half and
-// k^ e^{-D(7, r)} of the second into raw.g_ki (both halves' right operand, padded rows); into the tiles:
-// left1 = k^ e^{D(7, i)} (rows 0-7) and scale q^ e^{D(7, i)} (rows 8-15) for i = 8..15, and
-// right = k^ e^{D(j, 7)} for j = 0..7 (rows 0-7).
+// Where the centred form's left operands go once a half of the raw chunk has been read: k^ e^{G - G_7}
+// in the raw k tile and scale q^ e^{G - G_7} in the raw q tile, 16 x 128 bf16 each, swizzled like the
+// anchored form's tiles. The right operand, k^ e^{G_7 - G}, takes raw.g_ki as the factorised form's Ki does.
+template <int CV>
+struct CentredTiles {
+  bf16 *left_k, *left_q;
+  __device__ __forceinline__ explicit CentredTiles(RawChunk<CV>& raw) : left_k(&raw.k[0][0]), left_q(&raw.q[0][0]) {}
+};
+
+// The centred form's operands, from the cumulative log2 decays G2[r][j] (rows past the sequence repeat
+// the last row): every pair anchored at row 7, so that each factor e^{G_r - G_7} or e^{G_7 - G_r} lies
+// within e^{+-80} when each half of the chunk decays by at most 80 nats. Writes Kd, Qd, Kr, Gamma into the
+// stage (from the same two exponentials per element: e^{G_r} = e^{G_r - G_7} e^{G_7}, e^{G_last - G_r} =
+// e^{G_7 - G_r} e^{G_last - G_7}, each product of two factors in range), the right operand into raw.g_ki
+// (each lane its own channels, as it reads them), and the left ones into the CentredTiles half a chunk
+// at a time: a swizzled row holds other lanes' raw channels, so a half is written once every lane has
+// read it.
 template <int VB, int CV>
-__device__ __forceinline__ void build_split_operands(const float (&G2)[kChunk][4], RawChunk<CV>& raw,
-                                                     const ProducerScratch& scr, Stage<VB>& st, int lane) {
+__device__ __forceinline__ void build_centred_operands(const float (&G2)[kChunk][4], RawChunk<CV>& raw,
+                                                       const ProducerScratch& scr, Stage<VB>& st, int lane) {
+  constexpr int kHalf = kChunk / 2;
   const int c0 = lane * 4;
-  const AnchoredTiles<CV> tiles(raw);
-  float to7[4], rest[4];  // e^{G_7} and e^{G_15 - G_7}: the two halves' total decays
+  const CentredTiles<CV> tiles(raw);
+  float to7[4], rest[4];  // e^{G_7} and e^{G_last - G_7}: the two halves' total decays
 #pragma unroll
-  for (int c = 0; c < 4; ++c) to7[c] = ex2(G2[7][c]), rest[c] = ex2(G2[kChunk - 1][c] - G2[7][c]);
+  for (int c = 0; c < 4; ++c) to7[c] = ex2(G2[kHalf - 1][c]), rest[c] = ex2(G2[kChunk - 1][c] - G2[kHalf - 1][c]);
   *reinterpret_cast<float4*>(&st.gamma[c0]) =
       make_float4(to7[0] * rest[0], to7[1] * rest[1], to7[2] * rest[2], to7[3] * rest[3]);
-  uint2 left1_k[8], left1_q[8], right[8];
 #pragma unroll
-  for (int r = 0; r < kChunk; ++r) {
-    float kh[4], qh[4];
-    load_row4(raw.k[r], c0, kh, scr.inv_norm_k[r]);
-    load_row4(raw.q[r], c0, qh, scr.inv_norm_q[r]);
-    float kd[4], qd[4], ki[4], kr[4], a[4], b[4];
+  for (int half = 0; half < 2; ++half) {
+    uint2 left_k[kHalf], left_q[kHalf];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (r < 8) {  // from the chunk's start: e^{G_r} and e^{-G_r}, |G_r| <= 80 nats
-        const float e = ex2(G2[r][c]), ei = ex2(-G2[r][c]);
-        const float to_anchor = ei * to7[c];  // e^{D(r, 7)}
-        kd[c] = kh[c] * e, qd[c] = qh[c] * e, ki[c] = kh[c] * ei;
-        kr[c] = kh[c] * (to_anchor * rest[c]);
-        a[c] = kh[c] * to_anchor;             // right operand of the cross block
-      } else {      // from row 7: e^{D(7, r)} and its inverse, |D(7, r)| <= 80 nats
-        const float from7 = G2[r][c] - G2[7][c];
-        const float e = ex2(from7), ei = ex2(-from7);
-        kd[c] = kh[c] * (to7[c] * e), qd[c] = qh[c] * (to7[c] * e), ki[c] = kh[c] * ei;
-        kr[c] = kh[c] * (ei * rest[c]);
-        a[c] = kh[c] * e, b[c] = qh[c] * e;  // left operands of the cross block and the second half
+    for (int i = 0; i < kHalf; ++i) {
+      const int r = half * kHalf + i;
+      float kh[4], qh[4];
+      load_row4(raw.k[r], c0, kh, scr.inv_norm_k[r]);
+      load_row4(raw.q[r], c0, qh, scr.inv_norm_q[r]);
+      float kd[4], qd[4], kr[4], ki[4], lk[4], lq[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // six products an element: the producers' issue slots are the limit
+        const float from7 = G2[r][c] - G2[kHalf - 1][c];
+        const float e = ex2(from7), ei = ex2(-from7);  // e^{G_r - G_7}, e^{G_7 - G_r}
+        lk[c] = kh[c] * e, lq[c] = qh[c] * e;
+        kd[c] = lk[c] * to7[c], qd[c] = lq[c] * to7[c];
+        ki[c] = kh[c] * ei;
+        kr[c] = ki[c] * rest[c];
       }
+      *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
+      *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
+      *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
+      *reinterpret_cast<uint2*>(&raw.g_ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
+      left_k[i] = make_uint2(pack_bf16(lk[0], lk[1]), pack_bf16(lk[2], lk[3]));
+      left_q[i] = make_uint2(pack_bf16(lq[0], lq[1]), pack_bf16(lq[2], lq[3]));
     }
-    *reinterpret_cast<uint2*>(&st.kd[r][c0]) = make_uint2(pack_bf16(kd[0], kd[1]), pack_bf16(kd[2], kd[3]));
-    *reinterpret_cast<uint2*>(&st.qd[r][c0]) = make_uint2(pack_bf16(qd[0], qd[1]), pack_bf16(qd[2], qd[3]));
-    *reinterpret_cast<uint2*>(&st.kr[r][c0]) = make_uint2(pack_bf16(kr[0], kr[1]), pack_bf16(kr[2], kr[3]));
-    *reinterpret_cast<uint2*>(&raw.g_ki[r][c0]) = make_uint2(pack_bf16(ki[0], ki[1]), pack_bf16(ki[2], ki[3]));
-    if (r < 8) {
-      right[r] = make_uint2(pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]));
-    } else {
-      left1_k[r - 8] = make_uint2(pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]));
-      left1_q[r - 8] = make_uint2(pack_bf16(b[0], b[1]), pack_bf16(b[2], b[3]));
-    }
-  }
-  __syncwarp();  // every lane has read raw.q and raw.k
+    __syncwarp();  // every lane has read this half of raw.q and raw.k
 #pragma unroll
-  for (int s = 0; s < 8; ++s) {
-    *reinterpret_cast<uint2*>(tiles.left2 + swizzled(s, c0)) = left1_k[s];  // the split form keeps left1 in raw.q
-    *reinterpret_cast<uint2*>(tiles.left2 + swizzled(8 + s, c0)) = left1_q[s];
-    *reinterpret_cast<uint2*>(tiles.right + swizzled(s, c0)) = right[s];
+    for (int i = 0; i < kHalf; ++i) {
+      *reinterpret_cast<uint2*>(tiles.left_k + swizzled(half * kHalf + i, c0)) = left_k[i];
+      *reinterpret_cast<uint2*>(tiles.left_q + swizzled(half * kHalf + i, c0)) = left_q[i];
+    }
   }
 }
 
-// L and M of the split form, in the factorised form's accumulator layout: the left operand's rows 0-7
-// are Kd / Qd (the stage), rows 8-15 the left1 tile; the halves' blocks take raw.g_ki as the right
-// operand, the cross block (rows 8-15 x 0-7) the right tile. Call after a __syncwarp that follows
-// build_split_operands.
-template <int VB, int CV>
-__device__ __forceinline__ void split_products(const Stage<VB>& st, RawChunk<CV>& raw, int lane, float (&accL)[2][4],
-                                               float (&accM)[2][4]) {
-  const AnchoredTiles<CV> tiles(raw);
+// L and M of the centred form, in the factorised form's accumulator layout and at its cost (3 ldmatrix,
+// 4 MMAs per k-step). Entries above the diagonal may overflow (e^{G_i - G_j} > 1 for j > i): the caller's
+// selects drop them. Call after a __syncwarp that follows build_centred_operands.
+template <int CV>
+__device__ __forceinline__ void centred_products(RawChunk<CV>& raw, int lane, float (&accL)[2][4], float (&accM)[2][4]) {
+  const CentredTiles<CV> tiles(raw);
   const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
-  float cross_l[4] = {}, cross_m[4] = {};
 #pragma unroll
   for (int ks = 0; ks < kHeadK / 16; ++ks) {
     const int acol = ks * 16 + al.col, bcol = ks * 16 + bl.col;
-    const bf16* a_k = al.row < 8 ? &st.kd[al.row][acol] : tiles.left2 + swizzled(al.row - 8, acol);
-    const bf16* a_q = al.row < 8 ? &st.qd[al.row][acol] : tiles.left2 + swizzled(al.row, acol);
-    uint32_t kf[4], qf[4], half[4], cross[4];
-    ldsm_x4(a_k, kf[0], kf[1], kf[2], kf[3]);
-    ldsm_x4(a_q, qf[0], qf[1], qf[2], qf[3]);
-    ldsm_x4(&raw.g_ki[bl.row][bcol], half[0], half[1], half[2], half[3]);
-    ldsm_x4(tiles.right + swizzled(bl.row & 7, bcol), cross[0], cross[1], cross[2], cross[3]);
-    mma16816(accL[0], kf, half[0], half[1]);
-    mma16816(accL[1], kf, half[2], half[3]);
-    mma16816(cross_l, kf, cross[0], cross[1]);
-    mma16816(accM[0], qf, half[0], half[1]);
-    mma16816(accM[1], qf, half[2], half[3]);
-    mma16816(cross_m, qf, cross[0], cross[1]);
+    uint32_t kf[4], qf[4], kib[4];
+    ldsm_x4(tiles.left_k + swizzled(al.row, acol), kf[0], kf[1], kf[2], kf[3]);
+    ldsm_x4(tiles.left_q + swizzled(al.row, acol), qf[0], qf[1], qf[2], qf[3]);
+    ldsm_x4(&raw.g_ki[bl.row][bcol], kib[0], kib[1], kib[2], kib[3]);
+    mma16816(accL[0], kf, kib[0], kib[1]);
+    mma16816(accL[1], kf, kib[2], kib[3]);
+    mma16816(accM[0], qf, kib[0], kib[1]);
+    mma16816(accM[1], qf, kib[2], kib[3]);
   }
-  // rows 8-15 of columns 0-7 belong to the cross block (the accumulator's elements 2, 3 of n-tile 0)
-  accL[0][2] = cross_l[2], accL[0][3] = cross_l[3];
-  accM[0][2] = cross_m[2], accM[0][3] = cross_m[3];
 }
 
 }  // namespace flash_kda

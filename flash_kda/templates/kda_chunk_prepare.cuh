@@ -2,7 +2,7 @@
 // normalise q and k, evaluate the gate, and build the decayed operands Kd, Qd, Kr, the total decay Gamma,
 // T = (I + L)^-1 diag(beta) and M into a shared-memory slot of every CTA of the cluster
 // (docs/algorithm.md, section 2). Gates whose chunk decay fp32 can always factorise (Gate::kFactorised)
-// use e^{+G} e^{-G}; the others pick, per chunk, that form or the split or anchored one of
+// use e^{+G} e^{-G}; the others pick, per chunk, that form or the centred or anchored one of
 // kda_chunk_anchored.cuh.
 #pragma once
 
@@ -251,8 +251,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, in
 
     if (form == kFactorisedForm) {
       build_factorised_operands<VB>(G, raw, scr, st, lane);
-    } else if (form == kSplitForm) {
-      build_split_operands<VB>(G, raw, scr, st, lane);
+    } else if (form == kCentredForm) {
+      build_centred_operands<VB>(G, raw, scr, st, lane);
     } else {
       build_anchored_operands<VB>(G, raw, scr, sm.near[warp], st, lane);
     }
@@ -282,8 +282,8 @@ __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, in
     float accL[2][4] = {}, accM[2][4] = {};
     if (form == kFactorisedForm) {
       factorised_products(st, raw, lane, accL, accM);
-    } else if (form == kSplitForm) {
-      split_products(st, raw, lane, accL, accM);
+    } else if (form == kCentredForm) {
+      centred_products(raw, lane, accL, accM);
     } else {
       anchored_products(raw, sm.near[warp], lane, accL, accM);
     }

@@ -22,7 +22,7 @@
 // Hand-off per slot through mbarriers: FULL in every CTA (32 producer-lane arrivals plus the
 // copied bytes) and EMPTY in the producing CTA (every consumer lane of the cluster arrives).
 // docs/algorithm.md derives the algebra. The bounded gate (lower_bound >= -5) factorises each chunk's
-// decay as e^{+-G} with |G| <= 80 nats; the other gates pick per chunk that form, or the split or
+// decay as e^{+-G} with |G| <= 80 nats; the other gates pick per chunk that form, or the centred or
 // anchored one that hold for any gate (kda_chunk_anchored.cuh).
 //
 // The kernel is split by concern: kda_arch.cuh (architecture primitives), kda_params.cuh (the
