@@ -247,7 +247,7 @@ def print_serving(serving) -> None:
 
 
 def print_gates(gates) -> None:
-    print(f"\nGates on the same rows (ms): the softplus gate (lower_bound=None) and lower_bound = -8 (the anchored "
+    print(f"\nGates on the same rows (ms): the softplus gate (lower_bound=None) and lower_bound = -8 (the centred "
           f"chunk form) against lower_bound = -5 (target ≤ {SOFTPLUS_VS_BOUNDED}×), and FLA chunk_kda with the "
           "softplus gate (safe_gate=False, lower_bound=None):\n")
     print("| case | lb -5 | softplus | softplus/lb -5 | lb -8 | lb -8/lb -5 | FLA softplus | FLA/ours softplus | target |"
