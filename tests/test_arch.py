@@ -185,10 +185,11 @@ def test_pch_directories_of_killed_processes_are_removed(tmp_path):
     dead_pid = int(gone.stdout)
     stale, recent = tmp_path / f"{PCH_PREFIX}{dead_pid}_a", tmp_path / f"{PCH_PREFIX}{dead_pid}_b"
     running, unrelated = tmp_path / f"{PCH_PREFIX}{os.getpid()}_c", tmp_path / f"{PCH_PREFIX}other"
-    for directory in (stale, recent, running, unrelated):
+    not_a_pid = tmp_path / f"{PCH_PREFIX}{10 ** 30}_d"
+    for directory in (stale, recent, running, unrelated, not_a_pid):
         (directory / "0123abcd").mkdir(parents=True)
     old = time.time() - 2 * PCH_STALE_SECONDS
-    for directory in (stale, running, unrelated):
+    for directory in (stale, running, unrelated, not_a_pid):
         os.utime(directory, (old, old))
     assert remove_stale_pch_dirs(str(tmp_path)) == 1
-    assert not stale.exists() and recent.exists() and running.exists() and unrelated.exists()
+    assert not stale.exists() and recent.exists() and running.exists() and unrelated.exists() and not_a_pid.exists()

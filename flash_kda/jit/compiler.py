@@ -213,11 +213,14 @@ def remove_stale_pch_dirs(parent: str) -> int:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` names a running process (when in doubt: yes, so that nothing live is removed)."""
+    if pid <= 0:
+        return True  # 0 would ask about our own process group
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except (PermissionError, OverflowError):  # another user's process; not a pid at all
         return True
     return True
 
