@@ -125,13 +125,14 @@ def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, 
     key = (state_in, state_out, varlen, v_block, gate, arch)
     spec = _specs.get(key)
     if spec is None:
+        variant = chunk_variant(arch)  # read for every kind: a bad FLASH_KDA_KERNEL fails the first launch of any
         state_in, state_out = spec_state_dtypes(state_in, state_out)
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
                                          build=_DECODE_BUILD_OF[v_block], gate=gate)
                               if v_block <= DECODE else
                               KernelSpec(state_in=state_in, state_out=state_out, v_block=v_block,
                                          arch=arch, gate=gate,
-                                         cluster=None if chunk_variant(arch) == "clustered" else 1))
+                                         cluster=None if variant == "clustered" else 1))
     return spec
 
 
@@ -160,9 +161,7 @@ def _stream_handle(device_index: int):
 def _launcher(device_index: int, state_in: str, state_out: str, varlen: bool, v_block: int,
               gate: str) -> tuple[LoadedKernel, int]:
     """Slow path of the launcher cache: load (or compile) the kernel."""
-    arch = device_arch(device_index)
-    chunk_variant(arch)  # a FLASH_KDA_KERNEL this arch cannot honour fails the first launch of any kernel
-    spec = _spec(state_in, state_out, varlen, v_block, gate, arch)
+    spec = _spec(state_in, state_out, varlen, v_block, gate, device_arch(device_index))
     launcher = (get_kernel(spec, device_index), spec.splits)
     _launchers[(device_index, state_in, state_out, varlen, v_block, gate)] = launcher
     return launcher

@@ -274,7 +274,9 @@ struct CentredTiles {
 // e^{G_7 - G_r} e^{G_last - G_7}, each product of two factors in range), the right operand into raw.g_ki
 // (each lane its own channels, as it reads them), and the left ones into the CentredTiles half a chunk
 // at a time: a swizzled row holds other lanes' raw channels, so a half is written once every lane has
-// read it.
+// read it. L and M are then the factorised form's products of these operands (pair_products,
+// kda_chunk_prepare.cuh); their entries above the diagonal may overflow (e^{G_i - G_j} > 1 for j > i),
+// and the caller's selects drop them.
 template <int VB, int CV>
 __device__ __forceinline__ void build_centred_operands(const float (&G2)[kChunk][4], RawChunk<CV>& raw,
                                                        const ProducerScratch& scr, Stage<VB>& st, int lane) {
@@ -318,27 +320,6 @@ __device__ __forceinline__ void build_centred_operands(const float (&G2)[kChunk]
       *reinterpret_cast<uint2*>(tiles.left_k + swizzled(half * kHalf + i, c0)) = left_k[i];
       *reinterpret_cast<uint2*>(tiles.left_q + swizzled(half * kHalf + i, c0)) = left_q[i];
     }
-  }
-}
-
-// L and M of the centred form, in the factorised form's accumulator layout and at its cost (3 ldmatrix,
-// 4 MMAs per k-step). Entries above the diagonal may overflow (e^{G_i - G_j} > 1 for j > i): the caller's
-// selects drop them. Call after a __syncwarp that follows build_centred_operands.
-template <int CV>
-__device__ __forceinline__ void centred_products(RawChunk<CV>& raw, int lane, float (&accL)[2][4], float (&accM)[2][4]) {
-  const CentredTiles<CV> tiles(raw);
-  const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
-#pragma unroll
-  for (int ks = 0; ks < kHeadK / 16; ++ks) {
-    const int acol = ks * 16 + al.col, bcol = ks * 16 + bl.col;
-    uint32_t kf[4], qf[4], kib[4];
-    ldsm_x4(tiles.left_k + swizzled(al.row, acol), kf[0], kf[1], kf[2], kf[3]);
-    ldsm_x4(tiles.left_q + swizzled(al.row, acol), qf[0], qf[1], qf[2], qf[3]);
-    ldsm_x4(&raw.g_ki[bl.row][bcol], kib[0], kib[1], kib[2], kib[3]);
-    mma16816(accL[0], kf, kib[0], kib[1]);
-    mma16816(accL[1], kf, kib[2], kib[3]);
-    mma16816(accM[0], qf, kib[0], kib[1]);
-    mma16816(accM[1], qf, kib[2], kib[3]);
   }
 }
 

@@ -113,16 +113,18 @@ __device__ __forceinline__ void build_factorised_operands(const float (&G)[kChun
   }
 }
 
-// L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels) in the m16n8k16 accumulator layout.
-template <int VB, int CV>
-__device__ __forceinline__ void factorised_products(const Stage<VB>& st, const RawChunk<CV>& raw, int lane,
-                                                    float (&accL)[2][4], float (&accM)[2][4]) {
+// L = Kd Ki^T and M = Qd Ki^T (16x16, reduction over 128 channels) in the m16n8k16 accumulator layout:
+// left_k(row, col) and left_q(row, col) address the left operands' bf16 elements (the forms keep them in
+// different tiles), raw.g_ki holds the right operand.
+template <int CV, class LeftK, class LeftQ>
+__device__ __forceinline__ void pair_products(LeftK left_k, LeftQ left_q, const RawChunk<CV>& raw, int lane,
+                                              float (&accL)[2][4], float (&accM)[2][4]) {
   const LdsmLane al = ldsm_a_lane(lane), bl = ldsm_b_lane(lane);
 #pragma unroll
   for (int ks = 0; ks < kHeadK / 16; ++ks) {
     uint32_t kdf[4], qdf[4], kib[4];
-    ldsm_x4(&st.kd[al.row][ks * 16 + al.col], kdf[0], kdf[1], kdf[2], kdf[3]);
-    ldsm_x4(&st.qd[al.row][ks * 16 + al.col], qdf[0], qdf[1], qdf[2], qdf[3]);
+    ldsm_x4(left_k(al.row, ks * 16 + al.col), kdf[0], kdf[1], kdf[2], kdf[3]);
+    ldsm_x4(left_q(al.row, ks * 16 + al.col), qdf[0], qdf[1], qdf[2], qdf[3]);
     ldsm_x4(&raw.g_ki[bl.row][ks * 16 + bl.col], kib[0], kib[1], kib[2], kib[3]);
     mma16816(accL[0], kdf, kib[0], kib[1]);
     mma16816(accL[1], kdf, kib[2], kib[3]);
@@ -281,9 +283,12 @@ __device__ void producer(const KdaParams& p, SharedStorage<Cfg>& sm, int seq, in
     const int gq = lane >> 2, tq = lane & 3;
     float accL[2][4] = {}, accM[2][4] = {};
     if (form == kFactorisedForm) {
-      factorised_products(st, raw, lane, accL, accM);
+      pair_products([&](int r, int c) { return &st.kd[r][c]; }, [&](int r, int c) { return &st.qd[r][c]; }, raw, lane,
+                    accL, accM);
     } else if (form == kCentredForm) {
-      centred_products(raw, lane, accL, accM);
+      const CentredTiles<Cfg::kClusterV> tiles(raw);  // same products, the left operands in the raw q and k tiles
+      pair_products([&](int r, int c) { return tiles.left_k + swizzled(r, c); },
+                    [&](int r, int c) { return tiles.left_q + swizzled(r, c); }, raw, lane, accL, accM);
     } else {
       anchored_products(raw, sm.near[warp], lane, accL, accM);
     }
