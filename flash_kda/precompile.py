@@ -211,7 +211,7 @@ def verify(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLik
 
 def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
     """The spec and key an entry of another version claims (or None and why it cannot be read).
-    Raises EarlierSpecLayout for an entry whose metadata an earlier flash_kda wrote in its own layout."""
+    Raises EarlierSpecLayout for an entry whose metadata another flash_kda version wrote in its own layout."""
     try:
         meta = json.loads(cubin_path.with_suffix(".json").read_text())
         spec = spec_from_dict(meta["spec"])

@@ -91,6 +91,17 @@ def test_cache_metadata_round_trips_and_earlier_entries_read_back_as_built():
         spec_from_dict({**earlier, "varlen": True})
 
 
+def test_an_earlier_decode_entry_reads_as_another_versions():
+    """A decode entry written by an earlier flash_kda (its spec had a grouped field, since split into builds)
+    is another version's entry, as a chunked one with varlen is: verify counts it, never as unreadable."""
+    earlier = {**DecodeSpec("fp32", "fp32", varlen=True).to_dict(), "grouped": True}
+    earlier.pop("build")
+    with pytest.raises(EarlierSpecLayout, match="spec fields \\['grouped'\\]"):
+        spec_from_dict(earlier)
+    spec = DecodeSpec("bf16", "fp32", build="token_outer", gate="softplus", arch="sm_120a")
+    assert spec_from_dict(spec.to_dict()) == spec
+
+
 @pytest.mark.parametrize("call,kernel", [
     (("none", "none"), ("fp32", "fp32")), (("none", "bf16"), ("bf16", "bf16")), (("bf16", "none"), ("bf16", "bf16")),
     (("fp32", "bf16"), ("fp32", "bf16")), (("none", "fp32"), ("fp32", "fp32")),

@@ -264,23 +264,21 @@ SPEC_KINDS = {cls.kind: cls for cls in (KernelSpec, DecodeSpec)}
 
 
 class EarlierSpecLayout(ValueError):
-    """Cache metadata written by an earlier flash_kda, whose specs had fields this one dropped."""
-
-
-# Chunked-kernel spec fields of earlier versions (its layout became a run-time fact): their entries are
-# never loaded (other names and keys) and verify counts them as other versions' entries.
-_EARLIER_FIELDS = frozenset({"varlen"})
+    """Cache metadata written by another flash_kda version, whose specs had fields this one does not
+    (an earlier chunked spec's varlen, an earlier decode spec's grouped): its entries are never loaded
+    (other names and keys), and verify counts them as other versions' entries."""
 
 
 def spec_from_dict(data: dict) -> AnySpec:
     """The spec a cache entry's metadata describes (``to_dict``)."""
     data = dict(data)
-    if data.get("kind", "chunk") == "chunk":
-        if _EARLIER_FIELDS & data.keys():
-            raise EarlierSpecLayout(f"written by an earlier flash_kda (spec fields {sorted(_EARLIER_FIELDS & data.keys())})")
+    cls = SPEC_KINDS[data.pop("kind", "chunk")]
+    unknown = data.keys() - {field.name for field in dataclasses.fields(cls)}
+    if unknown:
+        raise EarlierSpecLayout(f"written by another flash_kda version (spec fields {sorted(unknown)})")
+    if cls is KernelSpec:
         # entries written before producer_remat existed were built without it, whatever the arch's choice now
         data.setdefault("producer_remat", False)
-    cls = SPEC_KINDS[data.pop("kind", "chunk")]
     return cls(**data)
 
 
