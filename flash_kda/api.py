@@ -20,7 +20,7 @@ from .jit.arch import ARCHS, VARIANTS, arch_for_capability
 from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
                          POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import (ANCHORED_V_BLOCKS, HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind,
+from .jit.spec import (HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind, v_blocks_for,
                        spec_state_dtypes)
 
 # Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
@@ -122,11 +122,15 @@ def reset_variant() -> None:
 
 
 def _spec(state_in: str, state_out: str, varlen: bool, v_block: int, gate: str, arch: str) -> AnySpec:
+    """The specialisation that serves a launcher key. A chunk width the gate cannot run on this arch (the
+    general gates at 128 where registers cannot be reallocated: spec.v_blocks_for) becomes the widest it can."""
     key = (state_in, state_out, varlen, v_block, gate, arch)
     spec = _specs.get(key)
     if spec is None:
         variant = chunk_variant(arch)  # read for every kind: a bad FLASH_KDA_KERNEL fails the first launch of any
         state_in, state_out = spec_state_dtypes(state_in, state_out)
+        if v_block > DECODE:
+            v_block = max(width for width in v_blocks_for(gate, arch) if width <= v_block)
         spec = _specs[key] = (DecodeSpec(state_in=state_in, state_out=state_out, varlen=varlen, arch=arch,
                                          build=_DECODE_BUILD_OF[v_block], gate=gate)
                               if v_block <= DECODE else
@@ -265,14 +269,11 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         v_block = DECODE if ctas_per_head == 8 else DECODE_STREAMED if one_token else DECODE_TOKEN_OUTER
     elif v_block is None:
         v_block = choose_v_block(units, index)
-    # the gate kind: the decode kernel's bounded build takes every lower_bound, and the general gates'
-    # chunk forms run slices of at most ANCHORED_V_BLOCKS[-1] value rows
+    # the gate kind: the decode kernel's bounded build takes every lower_bound (the general gates' chunk
+    # widths per arch are _spec's to apply)
     gate = gate_kind(lower_bound)
-    if v_block <= DECODE:
-        if gate == "bounded_wide":
-            gate = "bounded"
-    elif gate != "bounded" and v_block > ANCHORED_V_BLOCKS[-1]:
-        v_block = ANCHORED_V_BLOCKS[-1]
+    if v_block <= DECODE and gate == "bounded_wide":
+        gate = "bounded"
     if lower_bound is None:
         lower_bound = 0.0  # packed; the softplus gate does not read it
     launcher = _launchers.get((index, state_in, state_out, varlen, v_block, gate))

@@ -16,7 +16,8 @@ import torch
 from flash_kda import api
 from flash_kda.jit.arch import ALL_TARGETS, ARCHS, REFERENCE_TARGET, arch_for_capability, check_target
 from flash_kda.jit.compiler import PCH_PREFIX, PCH_STALE_SECONDS, NVRTCCompiler, remove_stale_pch_dirs
-from flash_kda.jit.spec import DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict, spec_state_dtypes
+from flash_kda.jit.spec import (DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict, spec_state_dtypes,
+                                v_blocks_for)
 from flash_kda.precompile import resolve_targets
 
 # Instructions that exist from sm_90 on; the portable variant's compute_80 PTX must have none of them.
@@ -42,8 +43,9 @@ def test_each_target_gets_its_variants_once(target):
     decode = [s for s in specs if isinstance(s, DecodeSpec)]
     clusters = {s.cluster for s in chunked}
     assert clusters == ({1, 2} if ARCHS[target].clusters else {1})
-    # per (state dtypes, layout): bounded 32/64/128, the general gates 32/64 each; clustered: + 2 + 2 + 2
-    per_pair = 7 + (6 if ARCHS[target].clusters else 0)
+    # per state dtype pair: bounded 32/64/128, the general gates 32/64 each, and 128 each where registers
+    # can be reallocated; clustered: + 2 + 2 + 2 (the 32- and 64-wide slices of every gate)
+    per_pair = 7 + (2 if ARCHS[target].register_reallocation else 0) + (6 if ARCHS[target].clusters else 0)
     # 4 state dtype pairs (bf16 / fp32 each side); the decode kernel: x 2 gates x 3 builds x 2 layouts
     assert len(chunked) == 4 * per_pair and len(decode) == 48
     assert all(s.cluster == 1 for s in chunked if s.v_block == 128)
@@ -59,6 +61,32 @@ def test_spec_cluster_defaults_to_the_most_the_arch_allows():
         KernelSpec("fp32", "fp32", v_block=64, arch="sm_86", cluster=2)
     with pytest.raises(ValueError, match="cluster must be 1 for v_block=128"):
         KernelSpec("fp32", "fp32", v_block=128, cluster=2)
+
+
+def test_general_gates_run_128_wide_only_where_registers_can_be_reallocated():
+    """The general gates' 128-wide CTA moves registers from its consumers to its producers (setmaxnreg,
+    kda_fwd.cuh); elsewhere the spec refuses that width and a launch gets the 64-wide kernel."""
+    for target, arch in ARCHS.items():
+        assert v_blocks_for("bounded", target) == (32, 64, 128)
+        assert v_blocks_for("softplus", target) == v_blocks_for("bounded_wide", target) == (
+            (32, 64, 128) if arch.register_reallocation else (32, 64))
+        assert api._spec("fp32", "fp32", False, 128, "softplus", target).v_block == (
+            128 if arch.register_reallocation else 64)
+        assert api._spec("fp32", "fp32", False, 128, "bounded", target).v_block == 128
+    assert {t for t, a in ARCHS.items() if a.register_reallocation} == {"sm_90a", "sm_100a", "sm_103a"}
+    with pytest.raises(ValueError, match=r"v_block must be one of \(32, 64\) \(an int\) for the softplus gate on sm_80"):
+        KernelSpec("fp32", "fp32", v_block=128, gate="softplus", arch="sm_80")
+
+
+@pytest.mark.parametrize("target", ["sm_90a", "sm_100a"])
+def test_the_128_wide_general_kernel_keeps_its_launch_registers(target):
+    """setmaxnreg moves registers inside what the CTA was launched with: the counts in kda_fwd.cuh assume
+    168 a thread (384 threads), so ptxas must report exactly that, with no spill in either warpgroup; an
+    increase beyond the CTA's registers would never return."""
+    spec = KernelSpec("fp32", "fp32", v_block=128, gate="softplus", arch=target)
+    _, report = NVRTCCompiler()._compile(spec, ptx=False, verbose=True)
+    assert re.findall(r"Used (\d+) registers", report) == ["168"], report
+    assert set(re.findall(r"(\d+) bytes spill (?:stores|loads)", report)) == {"0"}, report
 
 
 def test_producer_remat_follows_the_arch_table():

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from flash_kda.jit.spec import ANCHORED_V_BLOCKS, STATE_DTYPES
+from flash_kda.jit.spec import STATE_DTYPES, V_BLOCKS
 
 import test_gpu_serving as serving
 from kda_inputs import make_inputs
@@ -46,12 +46,14 @@ def with_gate_logits(inp: dict, pattern: str, a_log: float, seed: int) -> dict:
                   "A_log": torch.full((H,), a_log, device=g.device)}
 
 
+@pytest.mark.parametrize("v_block", [None, 128], ids=["picked", "vb128"])
 @pytest.mark.parametrize("a_log", [-3.0, 0.0, 3.0])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_softplus_gate_extremes(pattern, a_log):
+def test_softplus_gate_extremes(pattern, a_log, v_block):
+    """Every pattern, at the width a small call picks and at 128 (registers reallocated: kda_fwd.cuh)."""
     seed = PATTERNS.index(pattern) * 10 + int(a_log) + 3
     inp = with_gate_logits(make_inputs(2, 67, 2, seed=seed), pattern, a_log, seed)
-    assert_close(*run_case(inp, lower_bound=None, seed=seed))
+    assert_close(*run_case(inp, lower_bound=None, seed=seed, v_block=v_block))
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 4096])
@@ -70,9 +72,10 @@ def test_softplus_gate_lengths(pattern, T):
     assert_close(*run_case(inp, lower_bound=None, seed=T))
 
 
+@pytest.mark.parametrize("v_block", [None, 128], ids=["picked", "vb128"])
 @pytest.mark.parametrize("nats", [3.0, 7.0, 12.0], ids=["factorised", "centred", "anchored"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_each_chunk_form(nats, varlen):
+def test_each_chunk_form(nats, varlen, v_block):
     """A steady decay of about `nats` per token and channel: 16 tokens of it fit the factorised form's
     80 nats (3), only 8 tokens do (7: the centred form), or neither (12: the anchored form)."""
     lens = [40, 0, 75, 17]
@@ -82,10 +85,10 @@ def test_each_chunk_form(nats, varlen):
     x = nats + 0.2 * torch.randn(inp["g"].shape, generator=gen)  # softplus(x) ~ x here
     inp = inp | {"g": x.to("cuda", torch.bfloat16), "dt_bias": torch.zeros(2, 128, device="cuda"),
                  "A_log": torch.zeros(2, device="cuda")}
-    assert_close(*run_case(inp, lower_bound=None, cu_seqlens=cu, seed=int(nats)), cu_seqlens=cu)
+    assert_close(*run_case(inp, lower_bound=None, cu_seqlens=cu, seed=int(nats), v_block=v_block), cu_seqlens=cu)
 
 
-GATE_GRID = list(itertools.product((None, -8.0), STATE_DTYPES, STATE_DTYPES, (False, True), ANCHORED_V_BLOCKS))
+GATE_GRID = list(itertools.product((None, -8.0), STATE_DTYPES, STATE_DTYPES, (False, True), V_BLOCKS))
 
 
 @pytest.mark.parametrize("lower_bound,state_in,state_out,varlen,v_block", GATE_GRID)

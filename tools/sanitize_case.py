@@ -43,8 +43,8 @@ for lower_bound in (None, -1e4):
     def general_gate(vb=None, max_seqlen=15, lower_bound=lower_bound):
         flash_kda.fwd(*args(mixed), torch.empty_like(inp["v"]), inp["A_log"], inp["dt_bias"], lower_bound,
                       initial_state=h0, final_state=final, cu_seqlens=cu, v_block=vb, max_seqlen=max_seqlen)
-    general_gate(32, None)
-    general_gate(64, None)
+    for vb in (32, 64, 128):
+        general_gate(vb, None)
     decode_shapes(general_gate)
 
 # pools: hostile 1-D slots, chunked and decode kernels, padded slot stride

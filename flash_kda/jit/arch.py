@@ -21,6 +21,10 @@ class Arch:
     # chunk (Config's PRODUCER_REMAT, kda_chunk_layout.cuh): Blackwell's ptxas spilled 16-52 bytes of
     # them from the general gates' producers at 255 registers otherwise (NVRTC 13.5); sm_90a's does not.
     producer_remat: bool = False
+    # Warpgroups can hand registers to each other (setmaxnreg: the 'a' targets of Hopper and datacenter
+    # Blackwell). The general gates' 128-wide chunked kernel needs it: its producers take 240 registers a
+    # thread from the consumers' share of a 384-thread CTA (kda_fwd.cuh), and spill at 168 otherwise.
+    register_reallocation: bool = False
     # The decode kernel's streamed build: 5 CTAs an SM (96 registers) where it was measured (sm_90a); 4
     # (128) elsewhere, where ptxas spills at 96 (sm_86, sm_120a, sm_121a).
     streamed_decode_ctas_per_sm: int = 4
@@ -33,9 +37,11 @@ ARCHS: dict[str, Arch] = {arch.target: arch for arch in (
     Arch("sm_86", (8, 6), False, 99 * _KB, 2, "A10, A40, RTX A6000, RTX 30", "compile-checked only"),
     Arch("sm_89", (8, 9), False, 99 * _KB, 2, "L4, L40S, RTX 6000 Ada, RTX 40", "compile-checked only"),
     Arch("sm_90a", (9, 0), True, 227 * _KB, 4, "H100, H200, H800, H20", "H100 (both variants)",
-         streamed_decode_ctas_per_sm=5),
-    Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", producer_remat=True),
-    Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", producer_remat=True),
+         register_reallocation=True, streamed_decode_ctas_per_sm=5),
+    Arch("sm_100a", (10, 0), True, 227 * _KB, 4, "B200, GB200", "compile-checked only", producer_remat=True,
+         register_reallocation=True),
+    Arch("sm_103a", (10, 3), True, 227 * _KB, 4, "B300, GB300", "compile-checked only", producer_remat=True,
+         register_reallocation=True),
     Arch("sm_120a", (12, 0), False, 99 * _KB, 2, "RTX PRO 6000 Blackwell, RTX 50", "compile-checked only",
          producer_remat=True),
     Arch("sm_121a", (12, 1), False, 99 * _KB, 2, "DGX Spark (GB10)", "compile-checked only", producer_remat=True),

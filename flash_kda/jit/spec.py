@@ -37,8 +37,9 @@ FACTORISED_LOWER_BOUND = -5.0  # 16 tokens decay by at most 80 nats: e^{+-G} sta
 # The decode kernel has no chunk form: its "bounded" build serves every lower_bound.
 DECODE_GATES = ("bounded", "softplus")
 V_BLOCKS = (32, 64, 128)
-# The anchored form's producer warps need more registers than a 128-wide CTA (384 threads, 168
-# registers a thread) leaves them, so those gates run 32- and 64-wide slices.
+# The general gates' producer warps need more registers than a 128-wide CTA (384 threads, 168 registers
+# a thread) leaves them evenly: they run 128-wide slices only where the consumers can give registers up
+# (Arch.register_reallocation), 32- and 64-wide everywhere.
 ANCHORED_V_BLOCKS = (32, 64)
 HEAD_DIM = 128
 # The token-by-token kernel's builds (templates/kda_decode.cuh, kOneGroup / kStreamed / kTokenOuter), with the
@@ -67,9 +68,11 @@ def gate_kind(lower_bound: float | None) -> str:
     return "bounded" if lower_bound >= FACTORISED_LOWER_BOUND else "bounded_wide"
 
 
-def v_blocks_for(gate: str) -> tuple[int, ...]:
-    """The chunked kernel's V-slice widths for a gate kind."""
-    return V_BLOCKS if gate == "bounded" else ANCHORED_V_BLOCKS
+def v_blocks_for(gate: str, arch: str) -> tuple[int, ...]:
+    """The chunked kernel's V-slice widths for a gate kind on an arch."""
+    if gate == "bounded" or check_target(arch).register_reallocation:
+        return V_BLOCKS
+    return ANCHORED_V_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,9 @@ class KernelSpec(_SpecBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if type(self.v_block) is not int or self.v_block not in v_blocks_for(self.gate):
-            raise ValueError(f"v_block must be one of {v_blocks_for(self.gate)} (an int) for the {self.gate} gate, "
+        widths = v_blocks_for(self.gate, self.arch)
+        if type(self.v_block) is not int or self.v_block not in widths:
+            raise ValueError(f"v_block must be one of {widths} (an int) for the {self.gate} gate on {self.arch}, "
                              f"got {self.v_block!r}")
         most = 2 if check_target(self.arch).clusters and self.splits >= 2 else 1
         if self.producer_remat is None:
@@ -294,7 +298,7 @@ def all_specs(archs: tuple[str, ...] = ALL_TARGETS) -> Iterator[AnySpec]:
     the chunked kernel's clustered and portable variants."""
     for arch, s_in, s_out in itertools.product(archs, SPEC_STATE_DTYPES, SPEC_STATE_DTYPES):
         for gate in GATES:
-            for vb in v_blocks_for(gate):
+            for vb in v_blocks_for(gate, arch):
                 widest = KernelSpec(state_in=s_in, state_out=s_out, v_block=vb, arch=arch, gate=gate)
                 yield widest
                 if widest.cluster > 1:

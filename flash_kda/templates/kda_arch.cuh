@@ -125,6 +125,29 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// ---------------------------------------------------------------- register reallocation (sm_90a, sm_100a, sm_103a)
+
+// setmaxnreg: the 'a' targets of Hopper and datacenter Blackwell (jit/arch.py, Arch.register_reallocation,
+// names the same targets). Every warp of a warpgroup executes it; the registers move between the CTA's
+// warpgroups, so a kernel that raises one warpgroup's count lowers the others' first.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(__CUDA_ARCH_FEAT_SM100_ALL) || defined(__CUDA_ARCH_FEAT_SM103_ALL)
+#define FLASH_KDA_REGISTER_REALLOCATION 1
+#else
+#define FLASH_KDA_REGISTER_REALLOCATION 0
+#endif
+
+#if FLASH_KDA_REGISTER_REALLOCATION
+template <int kRegisters>
+__device__ __forceinline__ void raise_register_count() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(kRegisters));
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void lower_register_count() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(kRegisters));
+}
+#endif
+
 // ---------------------------------------------------------------- math
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {

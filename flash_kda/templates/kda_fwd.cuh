@@ -77,10 +77,30 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   // Barriers initialised in every CTA before any CTA's producer or consumer touches them.
   if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
 
+  // The general gates' producers need more registers than a 384-thread CTA's even share (168 a thread:
+  // ptxas spills 76 bytes there); the consumers' two warpgroups need fewer (about 120), so at 128 wide
+  // they give theirs up. spec.v_blocks_for allows that shape only where the arch can (kda_arch.cuh).
+  // The counts must fit what the CTA was launched with (168 x 384: an increase beyond it never returns).
+  constexpr bool kReallocate = Cfg::kVB == 128 && !Gate::kFactorised;
+  constexpr int kLaunchRegisters = 65536 / Cfg::kThreads / 8 * 8;
+  constexpr int kProducerRegisters = 232, kConsumerRegisters = 136;
+  static_assert(!kReallocate || (Cfg::kProducerWarps == 4 && Cfg::kConsumerWarps == 8 &&
+                                 kProducerRegisters + 2 * kConsumerRegisters <= 3 * kLaunchRegisters),
+                "register reallocation: one producer warpgroup, two consumer warpgroups, the launch's registers");
+#if !FLASH_KDA_REGISTER_REALLOCATION
+  static_assert(!kReallocate, "the general gates' 128-wide slices need setmaxnreg (spec.v_blocks_for)");
+#endif
+
   if (threadIdx.x >= Cfg::kConsumerThreads) {
+#if FLASH_KDA_REGISTER_REALLOCATION
+    if constexpr (kReallocate) raise_register_count<kProducerRegisters>();
+#endif
     const int ptid = threadIdx.x - Cfg::kConsumerThreads;
     producer<Cfg, Gate>(p, sm, seq, h, (split - rank) * VB, bos, seq_len, num_chunks, rank, ptid >> 5, ptid & 31);
   } else {
+#if FLASH_KDA_REGISTER_REALLOCATION
+    if constexpr (kReallocate) lower_register_count<kConsumerRegisters>();
+#endif
     consumer<Cfg, STATE_IN, STATE_OUT>(p, sm, plan, seq, h, v0, bos, seq_len, num_chunks, threadIdx.x >> 5,
                                       threadIdx.x & 31);
   }
