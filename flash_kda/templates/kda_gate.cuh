@@ -77,9 +77,22 @@ struct SoftplusGate {
   __device__ __forceinline__ SoftplusGate(const KdaParams& p, int h, int c0) : SoftplusGate(p, load(p, h, c0)) {}
 
   __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
-    const float y = fmaf(kLog2e, g, d2[j]);
-    const float small = lg2(1.0f + ex2(fminf(y, 25.0f)));  // both sides evaluated: a select, not a branch
-    return fmaf(-a, y > 25.0f ? y : small, G2);
+    return fmaf(-a, softplus2(fmaf(kLog2e, g, d2[j])), G2);
+  }
+
+  // log2(1 + 2^y), or y above 25. One PTX block, so that the compiler neither branches around the two MUFU
+  // (a C++ `?:` there became a branch per element, benchmarks/NOTES.md "Every gate, 1") nor needs a clamp
+  // on 2^y: ptxas predicates the lg2 on y <= 25, and the +inf of 2^y above y = 128 is never read.
+  __device__ __forceinline__ static float softplus2(float y) {
+    float result;
+    asm("{\n\t.reg .pred large;\n\t.reg .f32 t;\n\t"
+        "setp.gt.f32 large, %1, 0f41C80000;\n\t"  // 25.0
+        "ex2.approx.ftz.f32 t, %1;\n\t"
+        "add.f32 t, t, 0f3F800000;\n\t"           // 1.0
+        "lg2.approx.ftz.f32 t, t;\n\t"
+        "selp.f32 %0, %1, t, large;\n\t}"
+        : "=f"(result) : "f"(y));
+    return result;
   }
 };
 
