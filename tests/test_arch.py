@@ -16,8 +16,8 @@ import torch
 from flash_kda import api
 from flash_kda.jit.arch import ALL_TARGETS, ARCHS, REFERENCE_TARGET, arch_for_capability, check_target
 from flash_kda.jit.compiler import PCH_PREFIX, PCH_STALE_SECONDS, NVRTCCompiler, remove_stale_pch_dirs
-from flash_kda.jit.spec import (DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict, spec_state_dtypes,
-                                v_blocks_for)
+from flash_kda.jit.spec import (V_BLOCKS, DecodeSpec, EarlierSpecLayout, KernelSpec, all_specs, spec_from_dict,
+                                spec_state_dtypes, v_blocks_for)
 from flash_kda.precompile import resolve_targets
 
 # Instructions that exist from sm_90 on; the portable variant's compute_80 PTX must have none of them.
@@ -87,6 +87,15 @@ def test_the_128_wide_general_kernel_keeps_its_launch_registers(target):
     _, report = NVRTCCompiler()._compile(spec, ptx=False, verbose=True)
     assert re.findall(r"Used (\d+) registers", report) == ["168"], report
     assert set(re.findall(r"(\d+) bytes spill (?:stores|loads)", report)) == {"0"}, report
+
+
+def test_the_32_wide_softplus_kernel_runs_the_clamped_gate():
+    """spec.CHUNK_GATE_TYPES: the 32-wide chunked kernel's softplus gate is ClampedSoftplusGate (kda_gate.cuh);
+    every other width, and the decode kernel, run SoftplusGate."""
+    for vb in V_BLOCKS:
+        source = KernelSpec("fp32", "fp32", v_block=vb, gate="softplus").source()
+        assert ("flash_kda::ClampedSoftplusGate" in source) is (vb == 32)
+    assert "flash_kda::SoftplusGate>" in DecodeSpec("fp32", "fp32", build="streamed", gate="softplus").source()
 
 
 def test_producer_remat_follows_the_arch_table():

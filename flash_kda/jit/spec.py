@@ -33,6 +33,9 @@ _STATE_CODE = {"bf16": 1, "fp32": 2}  # kStateBF16 / kStateFP32 (templates/kda_p
 #   softplus:     lower_bound=None, Kimi Linear's gate; the anchored chunk form.
 GATES = {"bounded": "flash_kda::BoundedGate", "bounded_wide": "flash_kda::WideBoundedGate",
          "softplus": "flash_kda::SoftplusGate"}
+# Where the chunked kernel of one width runs another C++ type for a gate kind (the same math): tuned per
+# width on the H100 (templates/kda_gate.cuh, ClampedSoftplusGate).
+CHUNK_GATE_TYPES = {("softplus", 32): "flash_kda::ClampedSoftplusGate"}
 FACTORISED_LOWER_BOUND = -5.0  # 16 tokens decay by at most 80 nats: e^{+-G} stays a normal fp32
 # The decode kernel has no chunk form: its "bounded" build serves every lower_bound.
 DECODE_GATES = ("bounded", "softplus")
@@ -195,7 +198,8 @@ class KernelSpec(_SpecBase):
     def source(self) -> str:
         remat = ", true" if self.producer_remat else ""
         config = f"flash_kda::Config<{self.v_block}, {self.cluster}, {self.producer_warps}{remat}>"
-        args = f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {GATES[self.gate]}"
+        gate_type = CHUNK_GATE_TYPES.get((self.gate, self.v_block), GATES[self.gate])
+        args = f"{config}, {_STATE_CODE[self.state_in]}, {_STATE_CODE[self.state_out]}, {gate_type}"
         max_smem = check_target(self.arch).max_smem_per_block
         return self._entry(
             self.threads, f"__cluster_dims__({self.cluster}, 1, 1) " if self.cluster > 1 else "",

@@ -96,4 +96,18 @@ struct SoftplusGate {
   }
 };
 
+// The softplus gate with the clamp of y in C++ (one FMNMX more an element than SoftplusGate::softplus2;
+// bitwise the same values). The 32-wide chunked kernel runs it (spec.CHUNK_GATE_TYPES): there the
+// clamp-free form measured 3% slower, where it is 1-2.5% faster at 64 and 128 wide (benchmarks/NOTES.md,
+// round 10).
+struct ClampedSoftplusGate : SoftplusGate {
+  using SoftplusGate::SoftplusGate;
+
+  __device__ __forceinline__ float accumulate(float G2, float g, int j) const {
+    const float y = fmaf(kLog2e, g, d2[j]);
+    const float small = lg2(1.0f + ex2(fminf(y, 25.0f)));  // both sides evaluated: a select, not a branch
+    return fmaf(-a, y > 25.0f ? y : small, G2);
+  }
+};
+
 }  // namespace flash_kda
