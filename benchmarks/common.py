@@ -13,18 +13,7 @@ from kda_inputs import fla_chunk_kda, make_inputs, rel_rms  # noqa: E402,F401
 
 def time_ms(fn, warmup: int = 10, reps: int = 50) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_interleaved({"fn": fn}, rounds=1, reps=reps, warmup=warmup)["fn"]
 
 
 def time_interleaved(fns: dict, rounds: int = 10, reps: int = 10, warmup: int = 10) -> dict:
