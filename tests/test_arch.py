@@ -89,6 +89,23 @@ def test_the_128_wide_general_kernel_keeps_its_launch_registers(target):
     assert set(re.findall(r"(\d+) bytes spill (?:stores|loads)", report)) == {"0"}, report
 
 
+def test_a_kernel_that_moves_registers_must_load_with_its_launch_share():
+    """KernelSpec.launch_registers names the kernels whose warpgroups move registers (the general gates at
+    128 wide); the loader refuses one whose cubin has another count, which could hang at setmaxnreg."""
+    from flash_kda.jit.runtime import check_launch_registers
+    for gate in ("softplus", "bounded_wide"):
+        spec = KernelSpec("fp32", "fp32", v_block=128, gate=gate)
+        assert spec.launch_registers == 168
+        check_launch_registers(spec, 168)
+        with pytest.raises(RuntimeError, match=rf"{spec.name} was compiled to 160 registers a thread.*assumption "
+                                               r"of 168; launching it could hang"):
+            check_launch_registers(spec, 160)
+    for spec in (KernelSpec("fp32", "fp32", v_block=128, gate="bounded"),
+                 KernelSpec("fp32", "fp32", v_block=64, gate="softplus")):
+        assert spec.launch_registers is None
+        check_launch_registers(spec, 99)
+
+
 def test_the_32_wide_softplus_kernel_runs_the_clamped_gate():
     """spec.CHUNK_GATE_TYPES: the 32-wide chunked kernel's softplus gate is ClampedSoftplusGate (kda_gate.cuh);
     every other width, and the decode kernel, run SoftplusGate."""

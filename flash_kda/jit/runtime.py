@@ -53,6 +53,19 @@ def check_compiler_fits_driver(compiler_version: tuple[int, int], compiler_name:
             f"or upgrade the NVIDIA driver.")
 
 
+def check_launch_registers(spec: KernelSpec, registers: int) -> None:
+    """A kernel whose warpgroups move registers (setmaxnreg) counts on the registers a thread it is launched
+    with: with fewer, a warpgroup's increase would wait forever. ptxas gives such a kernel its whole share
+    (168 a thread at 384 threads); a compiler that did otherwise must fail here, not hang the GPU."""
+    expected = spec.launch_registers
+    if expected is not None and registers != expected:
+        raise RuntimeError(
+            f"flash_kda: {spec.name} was compiled to {registers} registers a thread, but its warpgroups move "
+            f"registers (setmaxnreg) on the assumption of {expected}; launching it could hang. The compiler's "
+            f"register allocation differs from the one this version was built with: report it, and run "
+            f"v_block=64 meanwhile.")
+
+
 class LoadedKernel:
     """One spec's cubin loaded on one device: the function handle plus its launch shape."""
 
@@ -68,6 +81,9 @@ class LoadedKernel:
             self._module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({spec.name})")
             self.function = check(driver.cuModuleGetFunction(self._module, KERNEL_NAME.encode()),
                                   "cuModuleGetFunction")
+            if getattr(spec, "launch_registers", None) is not None:
+                check_launch_registers(spec, check(driver.cuFuncGetAttribute(
+                    driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, self.function), "cuFuncGetAttribute"))
             ptr, _ = check(driver.cuModuleGetGlobal(self._module, b"flash_kda_smem_bytes"), "cuModuleGetGlobal")
             smem = ctypes.c_uint32(0)
             check(driver.cuMemcpyDtoH(ctypes.addressof(smem), ptr, 4), "cuMemcpyDtoH")

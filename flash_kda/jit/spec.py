@@ -36,6 +36,8 @@ GATES = {"bounded": "flash_kda::BoundedGate", "bounded_wide": "flash_kda::WideBo
 # Where the chunked kernel of one width runs another C++ type for a gate kind (the same math): tuned per
 # width on the H100 (templates/kda_gate.cuh, ClampedSoftplusGate).
 CHUNK_GATE_TYPES = {("softplus", 32): "flash_kda::ClampedSoftplusGate"}
+# Whether the gate kind's C++ type has kFactorised (every chunk factorises; templates/kda_gate.cuh).
+GATE_FACTORISES = {"bounded": True, "bounded_wide": False, "softplus": False}
 FACTORISED_LOWER_BOUND = -5.0  # 16 tokens decay by at most 80 nats: e^{+-G} stays a normal fp32
 # The decode kernel has no chunk form: its "bounded" build serves every lower_bound.
 DECODE_GATES = ("bounded", "softplus")
@@ -189,6 +191,15 @@ class KernelSpec(_SpecBase):
     @property
     def threads(self) -> int:
         return (self.v_block // 16 + self.producer_warps) * 32
+
+    @property
+    def launch_registers(self) -> int | None:
+        """Registers a thread this kernel must be launched with, where its warpgroups move registers among
+        themselves (the general gates at 128 wide: kda_fwd.cuh's kReallocate, whose counts add up to exactly
+        this); None for the other kernels. The loader checks it (runtime.check_launch_registers)."""
+        if self.v_block != 128 or GATE_FACTORISES[self.gate]:
+            return None
+        return 65536 // self.threads // 8 * 8
 
     @property
     def splits(self) -> int:

@@ -81,7 +81,7 @@ __device__ __forceinline__ void kda_fwd(const KdaParams& p) {
   // ptxas spills 76 bytes there); the consumers' two warpgroups need fewer (about 120), so at 128 wide
   // they give theirs up. spec.v_blocks_for allows that shape only where the arch can (kda_arch.cuh).
   // The counts must fit what the CTA was launched with (168 x 384: an increase beyond it never returns).
-  constexpr bool kReallocate = Cfg::kVB == 128 && !Gate::kFactorised;
+  constexpr bool kReallocate = Cfg::kVB == 128 && !Gate::kFactorised;  // spec.py: KernelSpec.launch_registers
   constexpr int kLaunchRegisters = 65536 / Cfg::kThreads / 8 * 8;
   constexpr int kProducerRegisters = 232, kConsumerRegisters = 136;
   static_assert(!kReallocate || (Cfg::kProducerWarps == 4 && Cfg::kConsumerWarps == 8 &&
