@@ -22,7 +22,7 @@ class Arch:
     # them from the general gates' producers at 255 registers otherwise (NVRTC 13.5); sm_90a's does not.
     producer_remat: bool = False
     # Warpgroups can hand registers to each other (setmaxnreg: the 'a' targets of Hopper and datacenter
-    # Blackwell). The general gates' 128-wide chunked kernel needs it: its producers take 240 registers a
+    # Blackwell). The general gates' 128-wide chunked kernel needs it: its producers take 232 registers a
     # thread from the consumers' share of a 384-thread CTA (kda_fwd.cuh), and spill at 168 otherwise.
     register_reallocation: bool = False
     # The decode kernel's streamed build: 5 CTAs an SM (96 registers) where it was measured (sm_90a); 4
