@@ -75,7 +75,7 @@ def gate_kind(lower_bound: float | None) -> str:
 
 def v_blocks_for(gate: str, arch: str) -> tuple[int, ...]:
     """The chunked kernel's V-slice widths for a gate kind on an arch."""
-    if gate == "bounded" or check_target(arch).register_reallocation:
+    if GATE_FACTORISES[gate] or check_target(arch).register_reallocation:
         return V_BLOCKS
     return ANCHORED_V_BLOCKS
 
