@@ -156,6 +156,14 @@ def test_an_earlier_decode_entry_reads_as_another_versions():
     assert spec_from_dict(spec.to_dict()) == spec
 
 
+def test_an_entry_with_values_this_version_does_not_take_reads_as_another_versions():
+    """An earlier flash_kda wrote decode specs with a "none" state dtype (this one maps a missing state to the
+    other's dtype: spec_state_dtypes); found in a real ~/.cache, verify reported them as unreadable."""
+    earlier = {**DecodeSpec("fp32", "fp32", build="token_outer").to_dict(), "state_out": "none"}
+    with pytest.raises(EarlierSpecLayout, match="written by another flash_kda version \\(state dtypes must be"):
+        spec_from_dict(earlier)
+
+
 @pytest.mark.parametrize("call,kernel", [
     (("none", "none"), ("fp32", "fp32")), (("none", "bf16"), ("bf16", "bf16")), (("bf16", "none"), ("bf16", "bf16")),
     (("fp32", "bf16"), ("fp32", "bf16")), (("none", "fp32"), ("fp32", "fp32")),

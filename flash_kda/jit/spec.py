@@ -284,8 +284,9 @@ SPEC_KINDS = {cls.kind: cls for cls in (KernelSpec, DecodeSpec)}
 
 class EarlierSpecLayout(ValueError):
     """Cache metadata written by another flash_kda version, whose specs had fields this one does not
-    (an earlier chunked spec's varlen, an earlier decode spec's grouped): its entries are never loaded
-    (other names and keys), and verify counts them as other versions' entries."""
+    (an earlier chunked spec's varlen, an earlier decode spec's grouped) or values it does not take (an
+    earlier decode spec's "none" state): its entries are never loaded (other names and keys), and verify
+    counts them as other versions' entries."""
 
 
 def spec_from_dict(data: dict) -> AnySpec:
@@ -298,7 +299,10 @@ def spec_from_dict(data: dict) -> AnySpec:
     if cls is KernelSpec:
         # entries written before producer_remat existed were built without it, whatever the arch's choice now
         data.setdefault("producer_remat", False)
-    return cls(**data)
+    try:
+        return cls(**data)
+    except (ValueError, TypeError) as exc:  # values this version never writes (an earlier spec's "none" state)
+        raise EarlierSpecLayout(f"written by another flash_kda version ({exc})") from exc
 
 
 def template_sources() -> dict[str, str]:
