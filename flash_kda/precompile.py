@@ -211,7 +211,8 @@ def verify(archs: Iterable[str] | str | None = None, cache_dir: str | os.PathLik
 
 def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
     """The spec and key an entry of another version claims (or None and why it cannot be read).
-    Raises EarlierSpecLayout for an entry whose metadata another flash_kda version wrote in its own layout."""
+    Raises EarlierSpecLayout for an entry that another flash_kda version wrote in its own layout: its
+    metadata's fields or values, or the name of its directory (an earlier version named specs otherwise)."""
     try:
         meta = json.loads(cubin_path.with_suffix(".json").read_text())
         spec = spec_from_dict(meta["spec"])
@@ -219,8 +220,10 @@ def _spec_of(cubin_path: Path) -> tuple[AnySpec | None, str]:
         raise  # a ValueError, but not an unreadable entry: the caller counts it as another version's
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return None, f"unreadable metadata ({exc})"
-    if cubin_path.stem != meta.get("key") or cubin_path.parent.name != spec.name:
+    if cubin_path.stem != meta.get("key"):
         return None, f"holds another kernel: its metadata names {spec.name} with key {meta.get('key')!r}"
+    if cubin_path.parent.name != spec.name:  # its own key, in a directory named as another version names specs
+        raise EarlierSpecLayout(f"named by another flash_kda version ({cubin_path.parent.name}; this one: {spec.name})")
     return spec, meta["key"]
 
 

@@ -124,6 +124,21 @@ def test_verify_counts_an_entry_in_an_earlier_metadata_layout_as_another_version
                                        "1 entries of other versions or compilers; 0 problems"), res.stdout
 
 
+def test_verify_counts_an_entry_named_as_another_version_names_specs_as_another_versions(baked_copy):
+    """An earlier flash_kda named decode specs `..._in-fp32_out-fp32_varlen_...`: an entry with its own key in a
+    directory this version would name otherwise is never loaded; verify counts it, not as one that holds
+    another kernel (found by the README walkthrough on a real ~/.cache)."""
+    entry = sorted(baked_copy.glob("kda_decode_*/*.cubin"))[0]
+    earlier = baked_copy / (entry.parent.name + "_earlier_name")
+    earlier.mkdir()
+    shutil.copy(entry, earlier / entry.name)
+    shutil.copy(entry.with_suffix(".json"), earlier / entry.with_suffix(".json").name)
+    res = cli("verify", "--arch", "all", "--cache-dir", str(baked_copy))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().endswith(f"{N_SPECS}/{N_SPECS} specialisations present and intact; "
+                                       "1 entries of other versions or compilers; 0 problems"), res.stdout
+
+
 def test_verify_flags_a_bake_that_other_users_cannot_read(baked_copy):
     baked_copy.chmod(0o755)  # an image's cache directory, meant for every user
     entry = next(baked_copy.glob("kda_*/*.cubin"))
