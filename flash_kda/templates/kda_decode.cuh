@@ -29,6 +29,12 @@ constexpr int kOneGroup = 0;    // 8 CTAs a head, one group of rows per warp, in
 constexpr int kStreamed = 1;    // 2 or 4 CTAs a head, one-token steps: groups outside, rows staged as stored
 constexpr int kTokenOuter = 2;  // 2 or 4 CTAs a head, multi-token steps: tokens outside, rows kept in fp32
 
+// Whether a pass of the token-outer build is token 0's, as a type (a compile-time branch in a generic lambda).
+template <bool kValue>
+struct FirstToken {
+  static constexpr bool value = kValue;
+};
+
 struct DecodeConfig {
   static constexpr int kRows = 4;       // value rows a warp holds at once (a group)
   static constexpr int kMaxGroups = 4;  // grouped builds: row groups a warp keeps in shared memory
@@ -189,9 +195,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   constexpr int kInBytes = STATE_IN == kStateFP32 ? 4 : 2;
   constexpr int kRingBytes = BUILD == kTokenOuter ? 4 : kInBytes;  // bytes per key channel in the ring
   __shared__ alignas(16) unsigned char ring[kGrouped ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kHeadK * kRingBytes];
-  auto ring_row = [&](int group, int r) -> unsigned char* {
-    return ring[(warp * Cfg::kMaxGroups + group) * R + r] + c0 * kRingBytes;
-  };
+  unsigned char* const ring_lane = ring[warp * Cfg::kMaxGroups * R] + c0 * kRingBytes;  // this lane's bytes of its warp's first row
+  auto ring_row = [&](int group, int r) -> unsigned char* { return ring_lane + (group * R + r) * kHeadK * kRingBytes; };
   // this lane's bytes of the warp's first row, or null when the state starts from zeros
   const unsigned char* state_source =
       plan.read_offset >= 0
@@ -268,21 +273,22 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const bool per_token = (p.features & kFeaturePerToken) != 0;
   float S[R][4];  // the current group's rows
   auto store_rows = [&](long long base, int rows0) {  // the current group's rows into a state at `base`
+    // one 64-bit index for the group: the rows follow at constant distances (immediate offsets)
+    const long long first = base + static_cast<long long>(rows0) * kHeadK + c0;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      store_state4<STATE_OUT>(p.final_state, base + static_cast<long long>(rows0 + r) * kHeadK + c0, S[r]);
-    }
+    for (int r = 0; r < R; ++r) store_state4<STATE_OUT>(p.final_state, first + r * kHeadK, S[r]);
   };
-  // Token t on the group of rows starting at rows0: its output row, and its state when verify stores every token's.
-  auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int t, int rows0) {
+  // What a token's groups share, worked out once per token rather than once per group (verify is bound by
+  // the instructions it issues): where this lane's output element of token t goes (rows0 to be added)...
+  auto token_output = [&](int t) { return p.out + ((bos + t) * p.num_heads + h) * kHeadV + output_row(lane); };
+  // ... and where the state after token t goes when verify stores every token's (a pool: final_state is
+  // set), else -1
+  auto token_state = [&](int t) { return per_token ? token_state_offset(p, h, t, column_slot) : -1ll; };
+  // A token on the group of rows starting at rows0: its output row, and its state at `state_offset` (>= 0).
+  auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int rows0, bf16* output, long long state_offset) {
     const float o = apply_token(prep, v_raw, S, lane);
-    if (writes_output(lane)) {  // four lanes, one 8-byte segment
-      p.out[((bos + t) * p.num_heads + h) * kHeadV + rows0 + output_row(lane)] = __float2bfloat16_rn(o);
-    }
-    if (per_token) {  // per-token states go to a pool: final_state is set
-      const long long offset = token_state_offset(p, h, t, column_slot);
-      if (offset >= 0) store_rows(offset, rows0);
-    }
+    if (writes_output(lane)) output[rows0] = __float2bfloat16_rn(o);  // four lanes, one 8-byte segment
+    if (state_offset >= 0) store_rows(state_offset, rows0);
   };
   auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
     if (!per_token && p.final_state != nullptr) store_rows(plan.write_offset, rows0);
@@ -314,26 +320,40 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       if (group > 0 && seq_len > 0) values = load_v(0, group);
       cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
       ring_read(group, 0, S);
-      if (seq_len > 0) finish_token(prep, values, 0, rows0);
+      if (seq_len > 0) finish_token(prep, values, rows0, token_output(0), token_state(0));
 #pragma unroll 1
-      for (int t = 1; t < seq_len; ++t) finish_token(prepare_token(p, load_token(t), gate), load_v(t, group), t, rows0);
+      for (int t = 1; t < seq_len; ++t) {
+        finish_token(prepare_token(p, load_token(t), gate), load_v(t, group), rows0, token_output(t), token_state(t));
+      }
       store_final(rows0);
     }
   } else if constexpr (BUILD == kTokenOuter) {
     // Tokens outside, groups inside; a sequence with no tokens makes one pass that only moves its state.
-#pragma unroll 1
-    for (int t = 0; t < max(seq_len, 1); ++t) {
+    // Token 0 is a pass of its own (FirstToken): it waits for each group's initial rows, reads them as
+    // stored and takes its values from registers, so that the later tokens' group loop, where verify
+    // spends its issue slots, holds only the recurrence and its stores.
+    auto token_pass = [&](int t, auto first_token) {
+      constexpr bool kFirst = decltype(first_token)::value;
       // token t + 1: its values into the buffer every lane finished reading in token t - 1
       const bf16 beta_next = t + 1 < seq_len ? stage_token(t + 1) : bf16{};
       const bool last = t + 1 >= seq_len;
+      const bool has_token = !kFirst || seq_len > 0;
+      bf16* const output = token_output(t);
+      const long long state_offset = has_token ? token_state(t) : -1;
+      const uint2* const staged_values = stage.v[t & 1];
 #pragma unroll 1
       for (int group = 0; group < groups; ++group) {
         const int rows0 = row0 + group * R;
-        if (t == 0) cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
-        ring_read(group, t, S);
-        if (t < seq_len) {
-          const uint2 values = t == 0 ? first_values_of(group) : stage.v[t & 1][group];
-          finish_token(prep, values, t, rows0);
+        if constexpr (kFirst) cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+        ring_read(group, kFirst ? 0 : 1, S);
+        if (has_token) {
+          uint2 values;
+          if constexpr (kFirst) {
+            values = first_values_of(group);
+          } else {
+            values = staged_values[group];
+          }
+          finish_token(prep, values, rows0, output, state_offset);
         }
         if (last) {
           store_final(rows0);
@@ -346,13 +366,16 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
         __syncwarp();         // ... for every lane; and every lane is done with token t's values
         prep = prepare_token(p, staged_token(beta_next), gate);
       }
-    }
+    };
+    token_pass(0, FirstToken<true>{});
+#pragma unroll 1
+    for (int t = 1; t < seq_len; ++t) token_pass(t, FirstToken<false>{});
   } else {
     // One group per warp, its rows in registers across the tokens.
     uint2 values = first_values;
     bf16 beta_upcoming = seq_len > 1 ? stage_token(1) : bf16{};
     for (int t = 0; t < seq_len; ++t) {
-      finish_token(prep, values, t, row0);
+      finish_token(prep, values, row0, token_output(t), token_state(t));
       if (t + 1 < seq_len) {
         cp_async_wait_all();
         __syncwarp();  // lane 0's copy of the values is visible to the warp
