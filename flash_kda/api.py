@@ -70,13 +70,17 @@ def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_un
     value rows per warp, in registers), or 4 or 2 (two or four groups per warp in shared memory, which
     share each token's norms and gate: the streamed build for one-token steps, the token-outer build
     for several). Small batches run 8, for the most CTAs. Beyond one wave of those, multi-token steps
-    (verify) run 4 while those are all resident, then 2: each token's preparation is then shared by 8
-    or 16 rows instead of 4. One-token steps of fp32 states are bound by their bytes and run best with
-    the most CTAs; bf16 rows move half the bytes for the same per-token work, so sharing it wins.
-    Measured over N = 1 to 1024 (bench_decode.py --sweep, benchmarks/NOTES.md)."""
-    if units <= one_wave_units[0] or (one_token and state_in == "fp32" and state_out == "fp32"):
+    (verify) run 4 while those are all resident; then bf16 states run 2, each token's preparation
+    shared by 16 rows instead of 4, and fp32 states 8 again. fp32 states are bound by their bytes and
+    run best with the most CTAs (one-token steps always); bf16 rows move half the bytes for the same
+    per-token work, so sharing it wins. Measured over N = 1 to 1024 (bench_decode.py --sweep,
+    benchmarks/NOTES.md)."""
+    fp32 = state_in == "fp32" and state_out == "fp32"
+    if units <= one_wave_units[0] or (one_token and fp32):
         return 8
-    return 4 if not one_token and units <= one_wave_units[1] else 2
+    if one_token:
+        return 2
+    return 4 if units <= one_wave_units[1] else 8 if fp32 else 2
 
 
 def choose_v_block(units: int, device_index: int) -> int:
