@@ -4,9 +4,9 @@
 // The work is memory-bound (each state is read once and written once, or once per token in verify),
 // so the kernel is built for bandwidth: a warp owns groups of kRows value rows of one (sequence, head)
 // state (DecodeConfig), each lane four consecutive key channels of each row (16-byte fp32 / 8-byte
-// bf16 accesses, contiguous rows per warp). fp32 one-token steps and small batches cut each head into
-// 8 CTAs (the one-group build: one group per warp, its rows in registers across the tokens: 256 CTAs
-// even at N = 1, H = 32); larger batches into 2 or 4, whose warps hold 4 or 2 groups in shared memory
+// bf16 accesses, contiguous rows per warp). Small batches and most fp32 steps cut each head into 8 CTAs
+// (the one-group build: one group per warp, its rows in registers across the tokens: 256 CTAs even at
+// N = 1, H = 32); larger batches into 2 or 4, whose warps hold 4 or 2 groups in shared memory
 // so that a token's preparation is shared by all of a warp's rows: the streamed build for one-token
 // steps (groups outside), the token-outer build for several tokens (tokens outside). The host picks
 // (api._decode_ctas_per_head).
