@@ -29,12 +29,6 @@ constexpr int kOneGroup = 0;    // 8 CTAs a head, one group of rows per warp, in
 constexpr int kStreamed = 1;    // 2 or 4 CTAs a head, one-token steps: groups outside, rows staged as stored
 constexpr int kTokenOuter = 2;  // 2 or 4 CTAs a head, multi-token steps: tokens outside, rows kept in fp32
 
-// Whether a pass of the token-outer build is token 0's, as a type (a compile-time branch in a generic lambda).
-template <bool kValue>
-struct FirstToken {
-  static constexpr bool value = kValue;
-};
-
 struct DecodeConfig {
   static constexpr int kRows = 4;       // value rows a warp holds at once (a group)
   static constexpr int kMaxGroups = 4;  // grouped builds: row groups a warp keeps in shared memory
@@ -329,32 +323,30 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     }
   } else if constexpr (BUILD == kTokenOuter) {
     // Tokens outside, groups inside; a sequence with no tokens makes one pass that only moves its state.
-    // Token 0 is a pass of its own (FirstToken): it waits for each group's initial rows, reads them as
-    // stored and takes its values from registers, so that the later tokens' group loop, where verify
-    // spends its issue slots, holds only the recurrence and its stores.
-    auto token_pass = [&](int t, auto first_token) {
-      constexpr bool kFirst = decltype(first_token)::value;
+    // Token 0's groups take their own branch (they wait for their initial rows, read them as stored and
+    // take their values from registers), so that the later tokens' path, where verify spends its issue
+    // slots, holds only the recurrence and its stores.
+#pragma unroll 1
+    for (int t = 0; t < max(seq_len, 1); ++t) {
       // token t + 1: its values into the buffer every lane finished reading in token t - 1
       const bf16 beta_next = t + 1 < seq_len ? stage_token(t + 1) : bf16{};
       const bool last = t + 1 >= seq_len;
-      const bool has_token = !kFirst || seq_len > 0;
       bf16* const output = token_output(t);
-      const long long state_offset = has_token ? token_state(t) : -1;
+      const long long state_offset = t < seq_len ? token_state(t) : -1;
       const uint2* const staged_values = stage.v[t & 1];
 #pragma unroll 1
       for (int group = 0; group < groups; ++group) {
         const int rows0 = row0 + group * R;
-        if constexpr (kFirst) cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
-        ring_read(group, kFirst ? 0 : 1, S);
-        if (has_token) {
-          uint2 values;
-          if constexpr (kFirst) {
-            values = first_values_of(group);
-          } else {
-            values = staged_values[group];
-          }
-          finish_token(prep, values, rows0, output, state_offset);
+        uint2 values;
+        if (t == 0) {
+          cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+          ring_read(group, 0, S);
+          values = first_values_of(group);
+        } else {
+          ring_read(group, 1, S);
+          values = staged_values[group];
         }
+        if (t < seq_len) finish_token(prep, values, rows0, output, state_offset);
         if (last) {
           store_final(rows0);
         } else {
@@ -366,10 +358,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
         __syncwarp();         // ... for every lane; and every lane is done with token t's values
         prep = prepare_token(p, staged_token(beta_next), gate);
       }
-    };
-    token_pass(0, FirstToken<true>{});
-#pragma unroll 1
-    for (int t = 1; t < seq_len; ++t) token_pass(t, FirstToken<false>{});
+    }
   } else {
     // One group per warp, its rows in registers across the tokens.
     uint2 values = first_values;
