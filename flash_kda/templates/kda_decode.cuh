@@ -343,7 +343,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
           ring_read(group, 0, S);
           values = first_values_of(group);
         } else {
-          ring_read(group, 1, S);
+          ring_read(group, 1, S);  // any token after the first: the fp32 rows the ring kept
           values = staged_values[group];
         }
         if (t < seq_len) finish_token(prep, values, rows0, output, state_offset);
