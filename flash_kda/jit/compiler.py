@@ -88,7 +88,9 @@ class Compiler:
         if check_spills:
             spilled = [int(n) for n in _SPILLS.findall(report)]
             if not spilled:
-                raise CompileError(spec.name, self.name, f"FLASH_KDA_JIT_CHECK_SPILLS=1: no ptxas report to check\n{report}")
+                raise CompileError(spec.name, self.name,
+                                   f"FLASH_KDA_JIT_CHECK_SPILLS=1: no ptxas report to check in the log of "
+                                   f"{self.identity(spec)} ({len(report)} characters):\n{report}")
             if max(spilled) > 0:
                 raise CompileError(spec.name, self.name,
                                    f"FLASH_KDA_JIT_CHECK_SPILLS=1: the kernel spills {max(spilled)} bytes to local memory "
@@ -306,10 +308,14 @@ def _check_nvrtc(err, what: str) -> None:
 
 
 def _program_log(prog) -> str:
+    """NVRTC's log of ``prog``: the compile errors, or ptxas's report where -v was asked for. A failure
+    to read it raises (an empty string would read as "ptxas reported nothing")."""
     from cuda.bindings import nvrtc
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    _check_nvrtc(err, "nvrtcGetProgramLogSize")
     buf = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, buf)
+    (err,) = nvrtc.nvrtcGetProgramLog(prog, buf)
+    _check_nvrtc(err, "nvrtcGetProgramLog")
     return buf.decode(errors="replace").rstrip("\x00 \n")
 
 
