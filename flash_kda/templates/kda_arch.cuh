@@ -244,6 +244,25 @@ __device__ __forceinline__ void ldsm_x4_t(const void* smem_row, uint32_t& r0, ui
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const uint128_t*>(smem_row), r0, r1, r2, r3);
 }
 
+// ---------------------------------------------------------------- predicated global loads
+
+// A global load issued only where `pred` holds, and 0 elsewhere: one predicated PTX load, no branch.
+// Several of them form one straight run of loads that the compiler issues before any is used; behind C++
+// conditionals it may branch around one and wait for an earlier load before it issues the next.
+__device__ __forceinline__ uint32_t ld_global_u32_if(const void* ptr, bool pred) {
+  uint32_t x;
+  asm volatile("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 t, 0;\n\t"
+               "@p ld.global.b32 t, [%1];\n\tmov.b32 %0, t;\n}" : "=r"(x) : "l"(ptr), "r"(static_cast<int>(pred)));
+  return x;
+}
+
+__device__ __forceinline__ uint32_t ld_global_u8_if(const void* ptr, bool pred) {
+  uint32_t x;
+  asm volatile("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 t, 0;\n\t"
+               "@p ld.global.u8 t, [%1];\n\tmov.b32 %0, t;\n}" : "=r"(x) : "l"(ptr), "r"(static_cast<int>(pred)));
+  return x;
+}
+
 // ---------------------------------------------------------------- asynchronous global -> shared copies (sm_80+)
 
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {

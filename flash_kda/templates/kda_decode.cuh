@@ -154,21 +154,36 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const int c0 = lane * 4;                                                        // this lane's first key channel
 
   // Global loads in two waves, so that a CTA waits for two round trips, not one per dependency:
-  // first everything that depends on no other load (gate parameters, sequence bounds, the pool slots:
-  // lane j loads column j of the sequence's index row, so that the starting column picked by
-  // num_accepted_tokens and every token's slot come from a shuffle), then the state rows and the
-  // first token's inputs, which need the slot and the bounds. Later tokens are loaded one ahead.
-  const typename Gate::Raw gate_raw = Gate::load(p, h, c0);
-  long long bos, eos;
-  sequence_bounds<VARLEN>(p, seq, bos, eos);
+  // first what the state's address needs (sequence bounds, has_initial_state, num_accepted_tokens, the
+  // pool slots: lane j loads column j of the sequence's index row, so that the starting column picked by
+  // num_accepted_tokens and every token's slot come from a shuffle), then the state rows, the first
+  // token's inputs and the gate's parameters. Later tokens are loaded one ahead. The first wave is one
+  // straight run of predicated loads (kda_arch.cuh ld_global_*_if), none used before all are issued:
+  // behind branches the compiler waited for the bounds before it issued the slot's load, and for the slot
+  // before the rest (benchmarks/NOTES.md, round 16).
   const bool pool = (p.features & kFeaturePool) != 0;
-  long long lane_slot = pool && lane < p.ext.pool.indices_cols ? index_slot(p, seq, lane) : -1;
-  const int lane_slot32 = slot_valid(p, lane_slot) ? static_cast<int>(lane_slot) : -1;  // a register less
+  const bool per_token = (p.features & kFeaturePerToken) != 0;
+  const PoolArgs& pa = p.ext.pool;
+  long long first_raw = 0, end_raw = 0;  // the sequence's cu_seqlens entries
+  if constexpr (VARLEN) {
+    first_raw = load_index_if(p.cu_seqlens, p.cu_seqlens_int64, seq, true);
+    end_raw = load_index_if(p.cu_seqlens, p.cu_seqlens_int64, seq + 1, true);
+  }
+  const bool lane_has_slot = pool && lane < pa.indices_cols;
+  const long long lane_slot_raw =
+      load_index_if(pa.state_indices, pa.indices_int64, lane_has_slot ? seq * pa.indices_row_stride + lane : 0, lane_has_slot);
+  const bool has_initial = ld_global_u8_if(pa.has_initial_state + seq, (p.features & kFeatureHasInitial) != 0) != 0;
+  const long long accepted =
+      load_index_if(pa.num_accepted_tokens, pa.accepted_int64, seq, pool && per_token && pa.num_accepted_tokens != nullptr);
+
+  long long bos, eos;
+  sequence_bounds<VARLEN>(p, seq, bos, eos, [&](int i) { return i == seq ? first_raw : end_raw; });
+  const int lane_slot32 = lane_has_slot && slot_valid(p, lane_slot_raw) ? static_cast<int>(lane_slot_raw) : -1;
   auto column_slot = [&](long long column) -> long long {  // warp-uniform column
     const int from_lane = __shfl_sync(kFullMask, lane_slot32, static_cast<int>(column & 31));
     return column < 32 ? from_lane : index_slot(p, seq, column);
   };
-  const StatePlan plan = plan_state(p, seq, h, column_slot);
+  const StatePlan plan = plan_state(p, seq, h, [&] { return has_initial; }, [&] { return accepted; }, column_slot);
   if (plan.skip) return;  // an invalid pool slot: no state read or written, no output row written
   const int seq_len = static_cast<int>(eos - bos);
 
@@ -264,7 +279,6 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
   auto staged_token = [&](bf16 beta) -> TokenRaw { return {stage.q[lane], stage.k[lane], stage.g[lane], beta}; };
 
-  const bool per_token = (p.features & kFeaturePerToken) != 0;
   float S[R][4];  // the current group's rows
   auto store_rows = [&](long long base, int rows0) {  // the current group's rows into a state at `base`
     // one 64-bit index for the group: the rows follow at constant distances (immediate offsets)
@@ -289,8 +303,8 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
 
   // The second wave of loads: the initial rows (the grouped builds: into the ring, group by group, so
-  // that the first token starts on a group as soon as its rows have landed) and token 0, straight to
-  // registers (lane l holds the values of group l mod groups).
+  // that the first token starts on a group as soon as its rows have landed), token 0, straight to
+  // registers (lane l holds the values of group l mod groups), and the gate's parameters.
   if constexpr (kGrouped) {
     stage_initial_rows();
   } else {
@@ -299,7 +313,9 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
   // (the streamed build: every lane group 0's, and each later group's at that group)
   const uint2 first_values = seq_len > 0 ? load_v(0, BUILD == kStreamed ? 0 : lane & (groups - 1)) : uint2{};
-  const Gate gate(p, gate_raw);
+  // The gate's parameters last: loaded in the first wave, ptxas used them between the row loads, and
+  // fp32 one-token steps ran 4-11% slower from N = 8 (benchmarks/NOTES.md, round 16).
+  const Gate gate(p, Gate::load(p, h, c0));
   TokenPrep prep = seq_len > 0 ? prepare_token(p, first, gate) : TokenPrep{};
 
   auto first_values_of = [&](int group) {  // warp-uniform group

@@ -85,6 +85,15 @@ __device__ __forceinline__ long long load_index(const void* ptr, int is_int64, l
   return is_int64 ? static_cast<const long long*>(ptr)[i] : static_cast<long long>(static_cast<const int*>(ptr)[i]);
 }
 
+// The same as a branch-free pair of predicated 32-bit loads (kda_arch.cuh), 0 where `pred` is false.
+__device__ __forceinline__ long long load_index_if(const void* ptr, int is_int64, long long i, bool pred) {
+  const unsigned char* element = static_cast<const unsigned char*>(ptr) + (i << (is_int64 ? 3 : 2));
+  const uint32_t low = ld_global_u32_if(element, pred);
+  const uint32_t high = ld_global_u32_if(element + 4, pred && is_int64);  // little-endian: the upper word
+  return is_int64 ? static_cast<long long>((static_cast<unsigned long long>(high) << 32) | low)
+                  : static_cast<long long>(static_cast<int>(low));
+}
+
 // ---------------------------------------------------------------- sequences and inputs
 
 // The layout: varlen when cu_seqlens is set. The chunked kernel reads it at run time (it is uniform over
@@ -92,11 +101,13 @@ __device__ __forceinline__ long long load_index(const void* ptr, int is_int64, l
 // for the other path, is specialised on it (VARLEN).
 __device__ __forceinline__ bool is_varlen(const KdaParams& p) { return p.cu_seqlens != nullptr; }
 
-template <bool VARLEN>
-__device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
+// A sequence's token range [bos, eos). Varlen: from its cu_seqlens entries, `entry(seq)` and `entry(seq + 1)`
+// (loads, or values the caller loaded earlier).
+template <bool VARLEN, class Entry>
+__device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos, Entry entry) {
   if constexpr (VARLEN) {
-    long long b = load_index(p.cu_seqlens, p.cu_seqlens_int64, seq);
-    long long e = load_index(p.cu_seqlens, p.cu_seqlens_int64, seq + 1);
+    long long b = entry(seq);
+    long long e = entry(seq + 1);
     // Never trust cu_seqlens: clamp into [0, total] and treat inverted ranges as empty.
     b = b < 0 ? 0 : (b > p.total_tokens ? p.total_tokens : b);
     e = e < b ? b : (e > p.total_tokens ? p.total_tokens : e);
@@ -106,6 +117,13 @@ __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, lon
     bos = static_cast<long long>(seq) * p.seq_len;
     eos = bos + p.seq_len;
   }
+}
+
+template <bool VARLEN>
+__device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
+  const void* cu_seqlens = p.cu_seqlens;
+  const int cu_int64 = p.cu_seqlens_int64;
+  sequence_bounds<VARLEN>(p, seq, bos, eos, [=](int i) { return load_index(cu_seqlens, cu_int64, i); });
 }
 
 __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
@@ -152,20 +170,24 @@ __device__ __forceinline__ long long index_slot(const KdaParams& p, int seq, lon
   return load_index(p.ext.pool.state_indices, p.ext.pool.indices_int64, seq * p.ext.pool.indices_row_stride + column);
 }
 
-// Where sequence `seq`'s state is read and written. `column_slot(column)` gives the slot in a column of
-// the sequence's index row: a load here; the decode kernel answers from the row its lanes loaded early.
-template <class ColumnSlot>
-__device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h, ColumnSlot column_slot) {
+// Where sequence `seq`'s state is read and written. The callables give what the plan reads from memory:
+// `has_initial()` its has_initial_state entry (asked only with kFeatureHasInitial), `accepted()` its
+// num_accepted_tokens entry (asked only for per-token states with that tensor), `column_slot(column)` the
+// slot in a column of its index row. The chunked kernel loads each where it is asked; the decode kernel
+// answers from what it loaded up front.
+template <class HasInitial, class Accepted, class ColumnSlot>
+__device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h, HasInitial has_initial,
+                                                Accepted accepted, ColumnSlot column_slot) {
   const long long head_offset = static_cast<long long>(h) * kHeadV * kHeadK;
   bool read = p.initial_state != nullptr;
-  if ((p.features & kFeatureHasInitial) && !p.ext.pool.has_initial_state[seq]) read = false;
+  if ((p.features & kFeatureHasInitial) && !has_initial()) read = false;
   if (!(p.features & kFeaturePool)) {
     const long long offset = static_cast<long long>(seq) * p.num_heads * kHeadV * kHeadK + head_offset;
     return {read ? offset : -1, offset, false};
   }
   long long column = 0;
   if ((p.features & kFeaturePerToken) && p.ext.pool.num_accepted_tokens != nullptr) {
-    column = load_index(p.ext.pool.num_accepted_tokens, p.ext.pool.accepted_int64, seq) - 1;
+    column = accepted() - 1;
     if (column < 0 || column >= p.ext.pool.indices_cols) return {-1, -1, true};
   }
   const long long slot = column_slot(column);
@@ -175,7 +197,10 @@ __device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int
 }
 
 __device__ __forceinline__ StatePlan plan_state(const KdaParams& p, int seq, int h) {
-  return plan_state(p, seq, h, [&](long long column) { return index_slot(p, seq, column); });
+  return plan_state(
+      p, seq, h, [&] { return p.ext.pool.has_initial_state[seq] != 0; },
+      [&] { return load_index(p.ext.pool.num_accepted_tokens, p.ext.pool.accepted_int64, seq); },
+      [&](long long column) { return index_slot(p, seq, column); });
 }
 
 // Per-token stores (kFeaturePerToken): where the state after token `t` goes, or -1 for nowhere.
