@@ -119,6 +119,8 @@ __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, lon
   }
 }
 
+// (The loader captures the two values it needs, not the parameter block: a lambda holding a reference to
+// `p` changed the chunked kernel's SASS.)
 template <bool VARLEN>
 __device__ __forceinline__ void sequence_bounds(const KdaParams& p, int seq, long long& bos, long long& eos) {
   const void* cu_seqlens = p.cu_seqlens;
