@@ -56,15 +56,18 @@ def _v_block_thresholds(device_index: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_one_wave_units(device_index: int) -> tuple[int, int]:
+def _decode_one_wave_units(device_index: int) -> tuple[int, int, int]:
     """The most (sequence, head) pairs whose decode CTAs are all resident at once: with 8 CTAs per
-    head (the one-group build), and with 4 (the token-outer build, for multi-token steps)."""
+    head (the one-group build), with 4 (the token-outer build, for multi-token steps) and with 2 (the
+    streamed build, for one-token steps)."""
     sms = _sm_count(device_index)
     one_group, token_outer = DecodeSpec("fp32", "fp32"), DecodeSpec("fp32", "fp32", build="token_outer")
-    return one_group.min_blocks_per_sm * sms // one_group.splits, token_outer.min_blocks_per_sm * sms // 4
+    streamed = DecodeSpec("fp32", "fp32", build="streamed", arch=device_arch(device_index))
+    return (one_group.min_blocks_per_sm * sms // one_group.splits, token_outer.min_blocks_per_sm * sms // 4,
+            streamed.min_blocks_per_sm * sms // 2)
 
 
-def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: tuple[int, int],
+def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_units: tuple[int, int, int],
                           one_token: bool) -> int:
     """CTAs per (sequence, head) of the token-by-token kernel: 8 (the one-group build: one group of 4
     value rows per warp, in registers), or 4 or 2 (two or four groups per warp in shared memory, which
@@ -72,11 +75,14 @@ def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_un
     for several). Small batches run 8, for the most CTAs. Beyond one wave of those, multi-token steps
     (verify) run 4 while those are all resident; then bf16 states run 2, each token's preparation
     shared by 16 rows instead of 4, and fp32 states 8 again. fp32 states are bound by their bytes and
-    run best with the most CTAs (one-token steps always); bf16 rows move half the bytes for the same
-    per-token work, so sharing it wins. Measured over N = 1 to 1024 (bench_decode.py --sweep,
-    benchmarks/NOTES.md)."""
+    run best with the most CTAs, but for one-token steps whose streamed launch at 2 CTAs a head fills
+    more than half of one wave and fits in it: those run 2 (one wave, where 8 would run two or three).
+    bf16 rows move half the bytes for the same per-token work, so sharing it wins. Measured over N = 1
+    to 1024 (bench_decode.py --sweep, benchmarks/NOTES.md; the fp32 one-token band at H = 16, 32, 64)."""
     fp32 = state_in == "fp32" and state_out == "fp32"
-    if units <= one_wave_units[0] or (one_token and fp32):
+    if one_token and fp32:
+        return 2 if one_wave_units[2] // 2 < units <= one_wave_units[2] else 8
+    if units <= one_wave_units[0]:
         return 8
     if one_token:
         return 2

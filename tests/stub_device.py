@@ -39,7 +39,8 @@ def device(monkeypatch):
     monkeypatch.setattr(api, "_streams", {1234: "stream"})
     monkeypatch.setattr(api, "_launchers", {})
     monkeypatch.setattr(api, "_v_block_thresholds", lambda index: (462, 34))  # 132 SMs
-    monkeypatch.setattr(api, "_decode_one_wave_units", lambda index: (7 * 132 // 8, 6 * 132 // 4))  # 132 SMs
+    monkeypatch.setattr(api, "_decode_one_wave_units",
+                        lambda index: (7 * 132 // 8, 6 * 132 // 4, 5 * 132 // 2))  # 132 SMs
     monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
     monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches))
     yield devices, launches

@@ -43,12 +43,16 @@ def test_a_one_token_decode_step_on_a_pool_runs_the_decode_kernel(device):
 
 
 @pytest.mark.parametrize("dtype,N,ctas_per_head", [(torch.float32, 1, 8), (torch.float32, 1024, 8),
-                                                    (torch.float32, 4, 8), (torch.bfloat16, 3, 8),
+                                                    (torch.float32, 4, 8), (torch.float32, 5, 8),
+                                                    (torch.float32, 6, 2), (torch.float32, 10, 2),
+                                                    (torch.float32, 11, 8), (torch.bfloat16, 3, 8),
                                                     (torch.bfloat16, 4, 2), (torch.bfloat16, 1024, 2)])
 def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dtype, N, ctas_per_head):
-    """One-token steps of fp32 states: 8 CTAs per head (one group of rows per warp). bf16 states (the
-    streamed build), and multi-token steps of either (the token-outer build): 2 (four groups per warp
-    share each token's work) once the one-group CTAs would not all be resident (115 pairs on 132 SMs);
+    """One-token steps of fp32 states: 8 CTAs per head (one group of rows per warp), but 2 (the streamed
+    build) while those fill more than half of one wave and fit in it (166 to 330 pairs on 132 SMs at 5
+    an SM). bf16 states (the streamed build), and multi-token steps of either (the token-outer build):
+    2 (four groups per warp share each token's work) once the one-group CTAs would not all be resident
+    (115 pairs on 132 SMs);
     multi-token steps 4 while the token-outer build's CTAs at 4 a head would be (198 pairs), then fp32
     states 8 again (bound by their bytes: the most CTAs)."""
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))  # N sequences of one token

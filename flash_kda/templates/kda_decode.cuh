@@ -280,11 +280,13 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   auto staged_token = [&](bf16 beta) -> TokenRaw { return {stage.q[lane], stage.k[lane], stage.g[lane], beta}; };
 
   float S[R][4];  // the current group's rows
-  auto store_rows = [&](long long base, int rows0) {  // the current group's rows into a state at `base`
+  // The current group's rows into a state at `base`; `streaming` (cute::true_type for verify's per-token
+  // states, false_type for final states) picks store_state4's cache hint.
+  auto store_rows = [&](long long base, int rows0, auto streaming) {
     // one 64-bit index for the group: the rows follow at constant distances (immediate offsets)
     const long long first = base + static_cast<long long>(rows0) * kHeadK + c0;
 #pragma unroll
-    for (int r = 0; r < R; ++r) store_state4<STATE_OUT>(p.final_state, first + r * kHeadK, S[r]);
+    for (int r = 0; r < R; ++r) store_state4<STATE_OUT, decltype(streaming)::value>(p.final_state, first + r * kHeadK, S[r]);
   };
   // What a token's groups share, worked out once per token rather than once per group (verify is bound by
   // the instructions it issues): where this lane's output element of token t goes (rows0 to be added)...
@@ -296,10 +298,10 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int rows0, bf16* output, long long state_offset) {
     const float o = apply_token(prep, v_raw, S, lane);
     if (writes_output(lane)) output[rows0] = __float2bfloat16_rn(o);  // four lanes, one 8-byte segment
-    if (state_offset >= 0) store_rows(state_offset, rows0);
+    if (state_offset >= 0) store_rows(state_offset, rows0, cute::true_type{});
   };
   auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
-    if (!per_token && p.final_state != nullptr) store_rows(plan.write_offset, rows0);
+    if (!per_token && p.final_state != nullptr) store_rows(plan.write_offset, rows0, cute::false_type{});
   };
 
   // The second wave of loads: the initial rows (the grouped builds: into the ring, group by group, so

@@ -242,12 +242,19 @@ __device__ __forceinline__ float4 load_state4(const void* base, long long idx) {
   }
 }
 
-template <int KIND>
+// STREAMING: st.global.cs (evict first) for verify's per-token states; a plain store for final states.
+// Measured on the H100 (benchmarks/NOTES.md, rounds 5 and 17): plain stores make verify 2-3% slower and
+// one-token steps 0.5-1% faster.
+template <int KIND, bool STREAMING>
 __device__ __forceinline__ void store_state4(void* base, long long idx, const float (&x)[4]) {
   if constexpr (KIND == kStateFP32) {
-    __stcs(reinterpret_cast<float4*>(static_cast<float*>(base) + idx), make_float4(x[0], x[1], x[2], x[3]));
+    const float4 value = make_float4(x[0], x[1], x[2], x[3]);
+    float4* const dst = reinterpret_cast<float4*>(static_cast<float*>(base) + idx);
+    if constexpr (STREAMING) __stcs(dst, value); else *dst = value;
   } else {
-    __stcs(reinterpret_cast<uint2*>(static_cast<bf16*>(base) + idx), make_uint2(pack_bf16(x[0], x[1]), pack_bf16(x[2], x[3])));
+    const uint2 value = make_uint2(pack_bf16(x[0], x[1]), pack_bf16(x[2], x[3]));
+    uint2* const dst = reinterpret_cast<uint2*>(static_cast<bf16*>(base) + idx);
+    if constexpr (STREAMING) __stcs(dst, value); else *dst = value;
   }
 }
 
