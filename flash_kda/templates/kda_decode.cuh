@@ -136,7 +136,7 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
 // ctas_per_head and launches N * H * ctas_per_head CTAs); each warp holds its share in groups of 4
 // rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
 // groups. BUILD: kOneGroup (8 CTAs per head, one group per warp in registers: more CTAs resident, for
-// small batches and fp32 one-token steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp
+// small batches and most fp32 steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp
 // keeps 4 or 2 groups in shared memory; see DecodeConfig).
 // Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
 template <int STATE_IN, int STATE_OUT, bool VARLEN, int BUILD, class Gate>
