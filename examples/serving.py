@@ -102,7 +102,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if not (torch.cuda.is_available() and arch_for_capability(*torch.cuda.get_device_capability()) is not None):
-        raise SystemExit("examples/serving.py needs a GPU flash_kda supports (python -m flash_kda info lists them)")
+        # like the other GPU examples: say so and exit 0 (nothing failed)
+        print("needs a CUDA GPU (compute capability 8.0 or later: python -m flash_kda info)")
+        raise SystemExit(0)
     gen = torch.Generator().manual_seed(0)
     A_LOG = torch.rand(H, generator=gen).cuda()
     DT_BIAS = torch.rand(H, K, generator=gen).cuda()
