@@ -13,10 +13,12 @@ its kernel. Chunked prefill is timed eagerly; the flush hides our host cost, as 
 floor is the state bytes a step must move (each addressed state read once and written once, or written
 once per token when verify stores every token's state) over the device-to-device copy bandwidth
 measured here.
-Usage: python benchmarks/bench_decode.py [--no-fla] [--no-softplus] [--sweep] [--layers L]
+Usage: python benchmarks/bench_decode.py [--no-fla] [--no-softplus] [--sweep] [--band] [--layers L]
 --no-softplus: skip the softplus-gate rows (for commits before the softplus gate).
 --sweep: also time one-token steps and verify with every CTAs-per-head choice (the rule in
 flash_kda.api._decode_ctas_per_head picks one of them; this checks it).
+--band: only fp32 one-token steps at 2, 4 and 8 CTAs per head over the pair counts around one wave of
+the streamed build, at H = 16, 32 and 64, per layer of a step graph (the band where the rule picks 2).
 --layers: layers per step graph (default 8; 0 skips the step-graph columns)."""
 from __future__ import annotations
 
@@ -82,21 +84,22 @@ def fla_fused_recurrent():
     return call
 
 
-def pool_of(slots: int, dtype) -> torch.Tensor:
-    return (torch.randn(slots, H, 128, 128, device="cuda") * 0.1).to(dtype)
+def pool_of(slots: int, dtype, heads: int = H) -> torch.Tensor:
+    return (torch.randn(slots, heads, 128, 128, device="cuda") * 0.1).to(dtype)
 
 
-def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None = -5.0, layers: int = 1) -> tuple:
+def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None = -5.0, layers: int = 1,
+                heads: int = H) -> tuple:
     """(ours, FLA or None, floor) in ms per call: one call per graph when ``layers`` is 1, else per
     layer of a step graph (bench_step)."""
     slots = max(512, 2 * N)
     cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
     ours, theirs = [], []
     for layer in range(layers):
-        inp = make_inputs(1, N, H, seed=N + 1000 * layer)
+        inp = make_inputs(1, N, heads, seed=N + 1000 * layer)
         if layer == 0:
             indices = torch.randperm(slots, device="cuda")[:N].to(torch.int32)
-        pool = pool_of(slots, dtype)
+        pool = pool_of(slots, dtype, heads)
         out = torch.empty_like(inp["v"])
         ours.append(lambda inp=inp, pool=pool, out=out: flash_kda.fwd(
             inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, out, inp["A_log"], inp["dt_bias"],
@@ -104,7 +107,7 @@ def decode_case(N: int, dtype, fla, bandwidth: float, lower_bound: float | None 
         theirs.append(lambda inp=inp, pool=pool: fla(inp, pool, cu, indices))
     t_ours = bench_step(ours)
     t_fla = bench_step(theirs) if fla else None
-    floor = 2 * N * H * VK * pool.element_size() / bandwidth
+    floor = 2 * N * heads * VK * pool.element_size() / bandwidth
     return t_ours, t_fla, floor
 
 
@@ -151,7 +154,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-softplus", action="store_true")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--band", action="store_true")
     args = parser.parse_args()
+    if args.band:
+        band(copy_bandwidth(), max(args.layers, 1))
+        return
     fla = None if args.no_fla else fla_fused_recurrent()
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
@@ -227,6 +234,32 @@ def sweep(bandwidth: float) -> None:
                 cells = [f"{t:.4f}{'*' if c == picked else ''}" for c, t in zip(choices, times)]
                 print(f"| {step} | {N} | {T} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
                       f"{times[choices.index(picked)] / min(times):.3f} |")
+    finally:
+        api._decode_ctas_per_head = rule
+
+
+def band(bandwidth: float, layers: int) -> None:
+    """fp32 one-token steps at 2, 4 and 8 CTAs per head, per layer of a step graph, over the (sequence, head)
+    pair counts around one wave of the streamed build's launch (2 per head), at several head counts: the
+    band in which the rule picks 2 depends on pairs, not on N or H."""
+    from flash_kda import api
+    rule, choices = api._decode_ctas_per_head, (2, 4, 8)
+    print(f"\nfp32 one-token steps, µs per layer of a {layers}-layer step graph, by CTAs per (sequence, head); "
+          "* = the rule's pick\n")
+    print("| H | N | pairs | " + " | ".join(str(c) for c in choices) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(choices))
+    try:
+        for heads, Ns in ((32, (4, 5, 6, 7, 8, 9, 10, 12)), (16, (8, 10, 12, 14, 16, 20)), (64, (2, 3, 4, 5, 6))):
+            for N in Ns:
+                picked = rule("fp32", "fp32", N * heads, api._decode_one_wave_units(0), True)
+                cells = []
+                for ctas in choices:
+                    api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
+                    ours = decode_case(N, torch.float32, None, bandwidth, layers=layers, heads=heads)[0]
+                    cells.append(f"{ours * 1e3:.1f}{'*' if ctas == picked else ''}")
+                    torch.cuda.empty_cache()
+                api._decode_ctas_per_head = rule
+                print(f"| {heads} | {N} | {N * heads} | " + " | ".join(cells) + " |", flush=True)
     finally:
         api._decode_ctas_per_head = rule
 

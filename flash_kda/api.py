@@ -78,7 +78,7 @@ def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_un
     run best with the most CTAs, but for one-token steps whose streamed launch at 2 CTAs a head fills
     more than half of one wave and fits in it: those run 2 (one wave, where 8 would run two or three).
     bf16 rows move half the bytes for the same per-token work, so sharing it wins. Measured over N = 1
-    to 1024 (bench_decode.py --sweep, benchmarks/NOTES.md; the fp32 one-token band at H = 16, 32, 64)."""
+    to 1024 (bench_decode.py --sweep; the fp32 one-token band: bench_decode.py --band; benchmarks/NOTES.md)."""
     fp32 = state_in == "fp32" and state_out == "fp32"
     if one_token and fp32:
         return 2 if one_wave_units[2] // 2 < units <= one_wave_units[2] else 8
