@@ -30,6 +30,7 @@ DECODE_MAX_TOKENS = 15
 # The v_block slot of a launcher key for the token-by-token kernel's builds (spec.DECODE_BUILDS): 8 CTAs
 # per head; and 2 or 4, for one-token steps and for multi-token steps.
 DECODE, DECODE_STREAMED, DECODE_TOKEN_OUTER = 0, -1, -2
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
 _DECODE_BUILD_OF = {DECODE: "one_group", DECODE_STREAMED: "streamed", DECODE_TOKEN_OUTER: "token_outer"}
 
 _specs: dict[tuple, AnySpec] = {}
@@ -316,10 +317,16 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     stream = _streams.get(torch._C._cuda_getCurrentRawStream(index))
     if stream is None:
         stream = _stream_handle(index)
+    # the token-by-token kernel's grid is (CTAs a head, H, N): no integer division in its CTAs' start
+    # (kda_decode.cuh decode_cta_of); flattened where N or H exceeds a grid dimension
+    if ctas_per_head and N <= MAX_GRID_YZ and H <= MAX_GRID_YZ:
+        grid_x, grid_y, grid_z = ctas_per_head, H, N
+    else:
+        grid_x, grid_y, grid_z = units * splits, 1, 1
     if torch._C._cuda_getDevice() == index:
-        kernel.launch(units * splits, stream, block.address)
+        kernel.launch(grid_x, grid_y, grid_z, stream, block.address)
     else:  # tensors on another GPU than the current one: launch in that device's context
-        kernel.launch_in_own_context(units * splits, stream, block.address)
+        kernel.launch_in_own_context(grid_x, grid_y, grid_z, stream, block.address)
     return out
 
 

@@ -337,11 +337,15 @@ def _check_cu_seqlens(cu_seqlens, where: str) -> None:
 
 def _fast_pool(state, H: int, dev: int) -> tuple[str, int, int] | None:
     """(dtype name, slots, slot stride) of a pool the kernels take as it is, or None (see _pool_problem)."""
-    shape, strides = state.shape, state.stride()
+    shape = state.shape
     name = _STATE_NAMES.get(state.dtype)
     if (name is None or state.get_device() != dev or len(shape) != 4 or shape[1] != H or shape[2] != HEAD_DIM
-            or shape[3] != HEAD_DIM or strides[3] != 1 or strides[2] != HEAD_DIM
-            or (H > 1 and strides[1] != HEAD_DIM * HEAD_DIM)
+            or shape[3] != HEAD_DIM):
+        return None
+    if state.is_contiguous():  # unpadded slots (a size-1 dim's stride is never used): no stride tuple to build
+        return name, shape[0], H * HEAD_DIM * HEAD_DIM
+    strides = state.stride()
+    if (strides[3] != 1 or strides[2] != HEAD_DIM or (H > 1 and strides[1] != HEAD_DIM * HEAD_DIM)
             or (shape[0] > 1 and (strides[0] < H * HEAD_DIM * HEAD_DIM or strides[0] % 4))):
         return None
     return name, shape[0], strides[0]
@@ -426,8 +430,8 @@ def fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initia
             elif checkpoint_state is not None:
                 return None
             if state_indices is not None:
-                indices_shape = state_indices.shape
-                if not ((state_indices.dtype is _INT32 or state_indices.dtype is _INT64) and indices_shape[0] == N
+                indices_shape, indices_dtype = state_indices.shape, state_indices.dtype
+                if not ((indices_dtype is _INT32 or indices_dtype is _INT64) and indices_shape[0] == N
                         and state_indices.get_device() == dev and state_indices.is_contiguous()):
                     return None
                 columns = 1
@@ -469,7 +473,7 @@ def fast_check(q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initia
                         initial_pool[2] if initial_pool is not None else 0,
                         final_pool[2] if final_pool is not None else 0,
                         columns, slots, columns,  # row stride (contiguous rows), slots, T_max
-                        state_indices.dtype is _INT64, accepted_int64)
+                        indices_dtype is _INT64, accepted_int64)
             elif num_accepted_tokens is not None:
                 return None
             elif has_initial:

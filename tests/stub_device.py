@@ -14,15 +14,17 @@ from kda_inputs import make_inputs
 
 
 class FakeKernel:
-    """Stands in for LoadedKernel: records the grid and the parameter bytes of each launch."""
+    """Stands in for LoadedKernel: records each launch as (spec, CTAs in all, stream, parameter bytes) in
+    ``launches`` and its grid (x, y, z) in ``grids``."""
 
-    def __init__(self, spec, launches: list):
-        self.spec, self._launches = spec, launches
+    def __init__(self, spec, launches: list, grids: list):
+        self.spec, self._launches, self._grids = spec, launches, grids
 
-    def launch(self, blocks: int, stream, params_address: int) -> None:
+    def launch(self, grid_x: int, grid_y: int, grid_z: int, stream, params_address: int) -> None:
         params = ctypes.c_void_p.from_address(params_address).value
-        self._launches.append((self.spec, blocks, stream, KdaParams.from_buffer_copy(
+        self._launches.append((self.spec, grid_x * grid_y * grid_z, stream, KdaParams.from_buffer_copy(
             ctypes.string_at(params, ctypes.sizeof(KdaParams)))))
+        self._grids.append((grid_x, grid_y, grid_z))
 
     launch_in_own_context = launch
 
@@ -30,9 +32,10 @@ class FakeKernel:
 @pytest.fixture
 def device(monkeypatch):
     """CPU tensors pass for cuda:0 (or the index set in the returned dict, by id of the tensor);
-    the kernel, stream and SM-count lookups are stubbed. Yields (devices, launches)."""
+    the kernel, stream and SM-count lookups are stubbed. Yields (devices, launches, grids)."""
     devices: dict[int, int] = {}
     launches: list = []
+    grids: list = []
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: devices.get(id(self), 0))
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
@@ -42,8 +45,8 @@ def device(monkeypatch):
     monkeypatch.setattr(api, "_decode_one_wave_units",
                         lambda index: (7 * 132 // 8, 6 * 132 // 4, 5 * 132 // 2))  # 132 SMs
     monkeypatch.setattr(api, "device_arch", lambda index: "sm_90a")
-    monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches))
-    yield devices, launches
+    monkeypatch.setattr(api, "get_kernel", lambda spec, index: FakeKernel(spec, launches, grids))
+    yield devices, launches, grids
 
 
 def inputs(B=1, T=16, H=2, state=None, varlen=None, final_state=None):

@@ -429,3 +429,25 @@ def test_one_token_decode_of_a_large_batch(N, dtype):
     untouched[indices] = False
     assert torch.equal(storage[untouched], before[untouched])
 
+
+
+@pytest.mark.usefixtures("decode_ctas")
+@pytest.mark.parametrize("lens", [[1, 1, 1], [3, 4, 2]], ids=["one-token", "verify"])
+def test_a_flattened_grid_gives_the_same_results_bitwise(monkeypatch, lens):
+    """A launch whose N or H exceeds gridDim.y/z's limit runs a 1-D grid whose CTAs divide their index
+    (kda_decode.cuh decode_cta_of): bitwise the results of the (CTAs a head, H, N) grid."""
+    from flash_kda import api
+    H, slots = 3, 8
+    inp, cu = varlen_inputs(lens, H, seed=70)
+    _, pool = make_pool(slots, H, torch.bfloat16, seed=71)
+    indices = torch.tensor([6, 1, 4], device="cuda")
+    results = []
+    for max_grid_yz in (api.MAX_GRID_YZ, 1):
+        monkeypatch.setattr(api, "MAX_GRID_YZ", max_grid_yz)
+        states = pool.clone()
+        out = torch.full_like(inp["v"], float("nan"))
+        call(inp, out, initial_state=states, final_state=states, cu_seqlens=cu, state_indices=indices,
+             max_seqlen=max(lens))
+        results.append((out, states))
+    assert torch.isfinite(results[0][0]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

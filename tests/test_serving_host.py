@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_kda
-from flash_kda import checks
+from flash_kda import api, checks
 from flash_kda.jit.params import (FEATURE_CHECKPOINTS, FEATURE_HAS_INITIAL, FEATURE_PER_TOKEN, FEATURE_POOL,
                                   FEATURE_STRIDED)
 from flash_kda.jit.spec import DecodeSpec, KernelSpec
@@ -66,6 +66,22 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     several = 8 if N * 32 <= 115 else 4 if N * 32 <= 198 else 8 if dtype is torch.float32 else 2
     assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if several == 8 else "token_outer")
     assert blocks == N * 32 * several
+
+
+@pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2, 32, 1024)),
+                                                 (3, 2, (3 * 32 * 8, 1, 1)), (1, 32, (8, 32, 1)),
+                                                 (1, 31, (32 * 8, 1, 1))])
+def test_the_decode_grid_is_ctas_a_head_by_heads_by_sequences(device, monkeypatch, N, max_grid_yz, grid):
+    """The token-by-token kernel's CTAs find their slice, head and sequence in blockIdx without dividing
+    (kda_decode.cuh decode_cta_of); a launch whose N or H exceeds gridDim.y/z's limit comes flattened."""
+    monkeypatch.setattr(api, "MAX_GRID_YZ", max_grid_yz)
+    args = inputs(T=N, H=32, varlen=list(range(N + 1)))
+    states = torch.zeros(N, 32, 128, 128, dtype=torch.bfloat16)
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
+    assert device[2] == [grid] and device[1][0][1] == N * 32 * (8 if N < 4 else 2)
+    flash_kda.fwd(**inputs(B=2, T=32, H=3))  # the chunked kernel: a 1-D grid
+    spec, blocks, _, _ = device[1][1]
+    assert isinstance(spec, KernelSpec) and device[2][1] == (blocks, 1, 1)
 
 
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):

@@ -98,23 +98,25 @@ class LoadedKernel:
         self._success = driver.CUresult.CUDA_SUCCESS
         log.debug("flash_kda: loaded %s on cuda:%d (%d B shared memory)", spec.name, device_index, self.smem_bytes)
 
-    def launch(self, blocks: int, stream, params_address: int) -> None:
-        (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,
+    def launch(self, grid_x: int, grid_y: int, grid_z: int, stream, params_address: int) -> None:
+        """Launch a grid of (grid_x, grid_y, grid_z) CTAs (the chunked kernel: 1-D; the token-by-token
+        kernel: (CTAs a head, H, N))."""
+        (err,) = self._launch(self.function, grid_x, grid_y, grid_z, self.threads, 1, 1, self.smem_bytes, stream,
                               params_address, 0)
         if err != self._success:
             driver = _driver()
             if err == driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
                 # a thread on which nothing made the device's context current yet
                 check(driver.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
-                (err,) = self._launch(self.function, blocks, 1, 1, self.threads, 1, 1, self.smem_bytes, stream,
-                                      params_address, 0)
-            check((err,), f"cuLaunchKernel({self.spec.name}, blocks={blocks})")
+                (err,) = self._launch(self.function, grid_x, grid_y, grid_z, self.threads, 1, 1, self.smem_bytes,
+                                      stream, params_address, 0)
+            check((err,), f"cuLaunchKernel({self.spec.name}, grid=({grid_x}, {grid_y}, {grid_z}))")
 
-    def launch_in_own_context(self, blocks: int, stream, params_address: int) -> None:
+    def launch_in_own_context(self, grid_x: int, grid_y: int, grid_z: int, stream, params_address: int) -> None:
         """Launch with this kernel's device context pushed (the calling thread's current one is another GPU's)."""
         driver = _driver()
         check(driver.cuCtxPushCurrent(self._context), "cuCtxPushCurrent")
         try:
-            self.launch(blocks, stream, params_address)
+            self.launch(grid_x, grid_y, grid_z, stream, params_address)
         finally:
             check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")

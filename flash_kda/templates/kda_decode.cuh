@@ -133,24 +133,42 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
-// ctas_per_head and launches N * H * ctas_per_head CTAs); each warp holds its share in groups of 4
+// ctas_per_head, a power of two, and launches a grid of (ctas_per_head, H, N) CTAs: see
+// decode_cta_of); each warp holds its share in groups of 4
 // rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
 // groups. BUILD: kOneGroup (8 CTAs per head, one group per warp in registers: more CTAs resident, for
 // small batches and most fp32 steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp
 // keeps 4 or 2 groups in shared memory; see DecodeConfig).
 // Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
+struct DecodeCta {
+  int slice, head, seq, ctas_per_head;
+};
+
+// Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N), so that no
+// integer division (about 20 instructions each, three of them chained before the first load) stands
+// between a CTA's start and its first loads; a launch of more sequences than a grid dimension holds
+// (65535) comes flattened, (sequence, head, slice) in x (api.fwd), and is divided out.
+__device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
+  if (gridDim.y == 1 && gridDim.z == 1) {  // flattened (or N = H = 1, where both readings agree)
+    const int ctas_per_head = gridDim.x / (p.num_seqs * p.num_heads);
+    const int unit = blockIdx.x / ctas_per_head;
+    return {static_cast<int>(blockIdx.x) - unit * ctas_per_head, unit % p.num_heads, unit / p.num_heads, ctas_per_head};
+  }
+  return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z),
+          static_cast<int>(gridDim.x)};
+}
+
 template <int STATE_IN, int STATE_OUT, bool VARLEN, int BUILD, class Gate>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
   constexpr int R = Cfg::kRows;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr bool kGrouped = BUILD != kOneGroup;
-  const int ctas_per_head = kGrouped ? gridDim.x / (p.num_seqs * p.num_heads) : Cfg::kMaxCtasPerHead;
-  const int groups = kGrouped ? Cfg::kMaxCtasPerHead / ctas_per_head : 1;  // groups of R rows per warp
-  const int block = blockIdx.x;
-  const int h = (block / ctas_per_head) % p.num_heads;
-  const int seq = block / ctas_per_head / p.num_heads;
-  const int row0 = ((block % ctas_per_head) * Cfg::kWarps + warp) * groups * R;  // this warp's first value row
+  const DecodeCta cta = decode_cta_of(p);
+  // groups of R rows per warp: 8 / ctas_per_head (the one-group build: 8 CTAs a head, one group)
+  const int groups = kGrouped ? Cfg::kMaxCtasPerHead >> (__ffs(cta.ctas_per_head) - 1) : 1;
+  const int h = cta.head, seq = cta.seq;
+  const int row0 = (cta.slice * Cfg::kWarps + warp) * groups * R;  // this warp's first value row
   const int c0 = lane * 4;                                                        // this lane's first key channel
 
   // Global loads in two waves, so that a CTA waits for two round trips, not one per dependency:
@@ -294,11 +312,18 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   // ... and where the state after token t goes when verify stores every token's (a pool: final_state is
   // set), else -1
   auto token_state = [&](int t) { return per_token ? token_state_offset(p, h, t, column_slot) : -1ll; };
-  // A token on the group of rows starting at rows0: its output row, and its state at `state_offset` (>= 0).
-  auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int rows0, bf16* output, long long state_offset) {
+  // A token on the group of rows starting at rows0 and its output row; then its state at `state_offset`
+  // (>= 0; verify).
+  auto apply_and_output = [&](const TokenPrep& prep, uint2 v_raw, int rows0, bf16* output) {
     const float o = apply_token(prep, v_raw, S, lane);
     if (writes_output(lane)) output[rows0] = __float2bfloat16_rn(o);  // four lanes, one 8-byte segment
+  };
+  auto store_token_state = [&](int rows0, long long state_offset) {
     if (state_offset >= 0) store_rows(state_offset, rows0, cute::true_type{});
+  };
+  auto finish_token = [&](const TokenPrep& prep, uint2 v_raw, int rows0, bf16* output, long long state_offset) {
+    apply_and_output(prep, v_raw, rows0, output);
+    store_token_state(rows0, state_offset);
   };
   auto store_final = [&](int rows0) {  // the state after the sequence, unless verify stored every token's
     if (!per_token && p.final_state != nullptr) store_rows(plan.write_offset, rows0, cute::false_type{});
@@ -364,12 +389,13 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
           ring_read(group, 1, S);  // any token after the first: the fp32 rows the ring kept
           values = staged_values[group];
         }
-        if (t < seq_len) finish_token(prep, values, rows0, output, state_offset);
-        if (last) {
-          store_final(rows0);
-        } else {
-          ring_write(group, S);
-        }
+        // the ring write (STS.128: each row in four consecutive registers) before the per-token store,
+        // whose packs ptxas otherwise placed so that it copied the rows back with 16 MOVs a group and
+        // token (benchmarks/NOTES.md, round 18)
+        if (t < seq_len) apply_and_output(prep, values, rows0, output);
+        if (!last) ring_write(group, S);
+        if (t < seq_len) store_token_state(rows0, state_offset);
+        if (last) store_final(rows0);
       }
       if (!last) {
         cp_async_wait_all();  // token t + 1 landed
