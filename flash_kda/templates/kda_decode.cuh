@@ -132,22 +132,14 @@ __device__ __forceinline__ float apply_token(const TokenPrep& t, uint2 v_raw, fl
   return fmaf(t.beta * (own_v - own_sk), t.qk_norm, sum);
 }
 
-// A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
-// ctas_per_head, a power of two, and launches a grid of (ctas_per_head, H, N) CTAs: see
-// decode_cta_of); each warp holds its share in groups of 4
-// rows, so that the per-token work (loads, norms, gate) is done once per warp and shared by all its
-// groups. BUILD: kOneGroup (8 CTAs per head, one group per warp in registers: more CTAs resident, for
-// small batches and most fp32 steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp
-// keeps 4 or 2 groups in shared memory; see DecodeConfig).
-// Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
 struct DecodeCta {
   int slice, head, seq, ctas_per_head;
 };
 
 // Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N), so that no
-// integer division (about 20 instructions each, three of them chained before the first load) stands
-// between a CTA's start and its first loads; a launch of more sequences than a grid dimension holds
-// (65535) comes flattened, (sequence, head, slice) in x (api.fwd), and is divided out.
+// integer division (about 20 instructions each, three of them chained) stands between a CTA's start and
+// its first loads (benchmarks/NOTES.md, round 18); a launch of more sequences or heads than a grid
+// dimension holds (65535) comes flattened, (sequence, head, slice) in x (api.fwd), and is divided out.
 __device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
   if (gridDim.y == 1 && gridDim.z == 1) {  // flattened (or N = H = 1, where both readings agree)
     const int ctas_per_head = gridDim.x / (p.num_seqs * p.num_heads);
@@ -158,6 +150,13 @@ __device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
           static_cast<int>(gridDim.x)};
 }
 
+// A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
+// ctas_per_head, a power of two; decode_cta_of); each warp holds its share in groups of 4 rows, so
+// that the per-token work (loads, norms, gate) is done once per warp and shared by all its groups.
+// BUILD: kOneGroup (8 CTAs per head, one group per warp in registers: more CTAs resident, for small
+// batches and most fp32 steps), or kStreamed / kTokenOuter (2 or 4 CTAs per head, each warp keeps 4 or
+// 2 groups in shared memory; see DecodeConfig).
+// Gate: the gate kind (kda_gate.cuh), named by the specialisation (spec.py GATES).
 template <int STATE_IN, int STATE_OUT, bool VARLEN, int BUILD, class Gate>
 __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   using Cfg = DecodeConfig;
@@ -169,7 +168,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   const int groups = kGrouped ? Cfg::kMaxCtasPerHead >> (__ffs(cta.ctas_per_head) - 1) : 1;
   const int h = cta.head, seq = cta.seq;
   const int row0 = (cta.slice * Cfg::kWarps + warp) * groups * R;  // this warp's first value row
-  const int c0 = lane * 4;                                                        // this lane's first key channel
+  const int c0 = lane * 4;                                          // this lane's first key channel
 
   // Global loads in two waves, so that a CTA waits for two round trips, not one per dependency:
   // first what the state's address needs (sequence bounds, has_initial_state, num_accepted_tokens, the
