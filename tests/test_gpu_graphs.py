@@ -125,3 +125,21 @@ def test_tensors_on_a_non_current_gpu():
                       inp["dt_bias"], -5.0)
     torch.cuda.synchronize(1)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_decode_step_on_a_non_current_gpu():
+    """The token-by-token kernel's (CTAs a head, H, N) grid, launched in the other device's context."""
+    inp = make_inputs(1, 40, 32, seed=57, device="cuda:1")
+    cu = torch.arange(41, device="cuda:1", dtype=torch.int32)
+    pool = torch.randn(50, 32, 128, 128, device="cuda:1").to(torch.bfloat16)
+    slots = torch.randperm(50, device="cuda:1")[:40]
+    results = []
+    for current in (0, 1):
+        states, out = pool.clone(), torch.empty_like(inp["v"])
+        with torch.cuda.device(current):
+            flash_kda.fwd(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 0.1, out, inp["A_log"],
+                          inp["dt_bias"], -5.0, states, states, cu, state_indices=slots, max_seqlen=1)
+        torch.cuda.synchronize(1)
+        results.append((out, states))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
