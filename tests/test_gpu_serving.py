@@ -430,7 +430,6 @@ def test_one_token_decode_of_a_large_batch(N, dtype):
     assert torch.equal(storage[untouched], before[untouched])
 
 
-
 @pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("lens", [[1, 1, 1], [3, 4, 2]], ids=["one-token", "verify"])
 def test_a_flattened_grid_gives_the_same_results_bitwise(monkeypatch, lens):
