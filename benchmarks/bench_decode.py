@@ -23,6 +23,7 @@ the streamed build, at H = 16, 32 and 64, per layer of a step graph (the band wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 
@@ -209,33 +210,42 @@ def softplus_rows(bandwidth: float) -> None:
               f"{'pass' if softplus / bounded <= TARGET_SOFTPLUS else 'fail'} |")
 
 
+@contextlib.contextmanager
+def ctas_per_head(ctas: int):
+    """Run the token-by-token kernel at ``ctas`` CTAs per (sequence, head), whatever the host's rule
+    (flash_kda.api._decode_ctas_per_head) would pick; the rule is restored on exit."""
+    from flash_kda import api
+    rule = api._decode_ctas_per_head
+    api._decode_ctas_per_head = lambda *args: ctas
+    try:
+        yield
+    finally:
+        api._decode_ctas_per_head = rule
+
+
 def sweep(bandwidth: float) -> None:
     """One-token steps and verify with 2, 4 and 8 CTAs per head, against the rule's pick."""
     from flash_kda import api
-    rule = api._decode_ctas_per_head
     choices = (2, 4, 8)
     cases = [("decode", N, 1) for N in (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)]
     cases += [("verify", N, T) for N, T in ((1, 4), (4, 4), (8, 4), (16, 4), (64, 2), (64, 4), (64, 8), (256, 4))]
     print("\nms by CTAs per (sequence, head); * = the rule's pick\n")
     print("| step | N | T | pool | " + " | ".join(str(c) for c in choices) + " | floor ms | pick/best |")
     print("|---|---:|---:|---|" + "---:|" * (len(choices) + 2))
-    try:
-        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for step, N, T in cases:
-                picked = rule(label, label, N * H, api._decode_one_wave_units(0), step == "decode")
-                times, floor = [], 0.0
-                for ctas in choices:
-                    api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for step, N, T in cases:
+            picked = api._decode_ctas_per_head(label, label, N * H, api._decode_one_wave_units(0), step == "decode")
+            times, floor = [], 0.0
+            for ctas in choices:
+                with ctas_per_head(ctas):
                     if step == "decode":
                         ours, _, floor = decode_case(N, dtype, None, bandwidth)
                     else:
                         ours, _, floor = verify_case(N, T, dtype, None, bandwidth)
-                    times.append(ours)
-                cells = [f"{t:.4f}{'*' if c == picked else ''}" for c, t in zip(choices, times)]
-                print(f"| {step} | {N} | {T} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
-                      f"{times[choices.index(picked)] / min(times):.3f} |")
-    finally:
-        api._decode_ctas_per_head = rule
+                times.append(ours)
+            cells = [f"{t:.4f}{'*' if c == picked else ''}" for c, t in zip(choices, times)]
+            print(f"| {step} | {N} | {T} | {label} | " + " | ".join(cells) + f" | {floor:.4f} | "
+                  f"{times[choices.index(picked)] / min(times):.3f} |")
 
 
 def band(bandwidth: float, layers: int) -> None:
@@ -243,25 +253,21 @@ def band(bandwidth: float, layers: int) -> None:
     pair counts around one wave of the streamed build's launch (2 per head), at several head counts: the
     band in which the rule picks 2 depends on pairs, not on N or H."""
     from flash_kda import api
-    rule, choices = api._decode_ctas_per_head, (2, 4, 8)
+    choices = (2, 4, 8)
     print(f"\nfp32 one-token steps, µs per layer of a {layers}-layer step graph, by CTAs per (sequence, head); "
           "* = the rule's pick\n")
     print("| H | N | pairs | " + " | ".join(str(c) for c in choices) + " |")
     print("|---:|---:|---:|" + "---:|" * len(choices))
-    try:
-        for heads, Ns in ((32, (4, 5, 6, 7, 8, 9, 10, 12)), (16, (8, 10, 12, 14, 16, 20)), (64, (2, 3, 4, 5, 6))):
-            for N in Ns:
-                picked = rule("fp32", "fp32", N * heads, api._decode_one_wave_units(0), True)
-                cells = []
-                for ctas in choices:
-                    api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
+    for heads, Ns in ((32, (4, 5, 6, 7, 8, 9, 10, 12)), (16, (8, 10, 12, 14, 16, 20)), (64, (2, 3, 4, 5, 6))):
+        for N in Ns:
+            picked = api._decode_ctas_per_head("fp32", "fp32", N * heads, api._decode_one_wave_units(0), True)
+            cells = []
+            for ctas in choices:
+                with ctas_per_head(ctas):
                     ours = decode_case(N, torch.float32, None, bandwidth, layers=layers, heads=heads)[0]
-                    cells.append(f"{ours * 1e3:.1f}{'*' if ctas == picked else ''}")
-                    torch.cuda.empty_cache()
-                api._decode_ctas_per_head = rule
-                print(f"| {heads} | {N} | {N * heads} | " + " | ".join(cells) + " |", flush=True)
-    finally:
-        api._decode_ctas_per_head = rule
+                cells.append(f"{ours * 1e3:.1f}{'*' if ctas == picked else ''}")
+                torch.cuda.empty_cache()
+            print(f"| {heads} | {N} | {N * heads} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _row(case, dtype, ours, theirs, floor, target, ok) -> str:
