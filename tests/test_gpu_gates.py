@@ -144,8 +144,9 @@ def test_decode_specialisations_with_every_gate(gate, state_in, state_out, varle
 
 @pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_verify_with_every_gate(gate, dtype):
-    serving.test_per_token_states_with_accepted_tokens(dtype, True)
+@pytest.mark.parametrize("lens", [[4, 3, 1, 4, 2], [8, 3, 1, 6, 5]])
+def test_verify_with_every_gate(gate, dtype, lens):
+    serving.test_per_token_states_with_accepted_tokens(dtype, True, lens)
 
 
 @pytest.mark.parametrize("N,dtype", [(40, "fp32"), (100, "bf16")])

@@ -168,12 +168,12 @@ def test_a_wrong_max_seqlen_hint_changes_only_the_speed(dtype):
 @pytest.mark.usefixtures("decode_ctas")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("with_accepted", [True, False])
-def test_per_token_states_with_accepted_tokens(dtype, with_accepted):
-    H, T_max = 2, 4
-    lens = [4, 3, 1, 4, 2]
+@pytest.mark.parametrize("lens", [[4, 3, 1, 4, 2], [8, 3, 1, 6, 5]])  # the token-outer build: one round, two
+def test_per_token_states_with_accepted_tokens(dtype, with_accepted, lens):
+    H, T_max = 2, max(lens)
     N = len(lens)
     inp, cu = varlen_inputs(lens, H, seed=50)
-    slots = 40
+    slots = N * T_max + 20
     storage, pool = make_pool(slots, H, DT[dtype], pad=16, seed=51)
     before = storage.clone()
     perm = torch.randperm(slots, generator=torch.Generator().manual_seed(52))

@@ -8,14 +8,14 @@
 // (the one-group build: one group per warp, its rows in registers across the tokens: 256 CTAs even at
 // N = 1, H = 32); larger batches into 2 or 4, whose warps hold 4 or 2 groups in shared memory
 // so that a token's preparation is shared by all of a warp's rows: the streamed build for one-token
-// steps (groups outside), the token-outer build for several tokens (tokens outside). The host picks
-// (api._decode_ctas_per_head).
+// steps (groups outside), the token-outer build for several tokens (tokens outside, each token prepared
+// once per CTA: SharedToken). The host picks (api._decode_ctas_per_head).
 //
 // Per token t (docs/algorithm.md, section 1), with the row's state s = S_row * alpha_t:
 //   sk = s . k^,  sq = scale s . q^    (one reduce-scatter over the warp for all rows: warp_reduce_scatter)
 //   u  = beta (v_row - sk),   S_row = s + u k^,   o_row = sq + u (scale k^ . q^).
-// Every warp recomputes the token's norms and gate for its own channels (L2-resident inputs,
-// far fewer bytes than the state it streams).
+// The one-group and streamed builds' warps each work out the token's norms and gate for their own channels
+// (L2-resident inputs, far fewer bytes than the state they stream).
 #pragma once
 
 #include "kda_arch.cuh"
@@ -51,22 +51,23 @@ struct TokenRaw {
   bf16 beta;
 };
 
-// A warp's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the 4 values of
-// each of the warp's row groups, double-buffered (the token-outer build reads a token's values during
-// the token, while the next token's land).
+// The one-group build's next token as it lands from cp.async: each lane's 4 channels of q, k, g; the
+// values of the warp's row group, double-buffered.
 struct TokenStage {
   uint2 q[32], k[32], g[32];
   uint2 v[2][DecodeConfig::kMaxGroups];
 };
 
-template <class Gate>
-__device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const TokenRaw& in, const Gate& gate) {
-  TokenPrep t;
+// What a token's preparation needs the whole warp for (the norms' sums) or takes once per token: the scales
+// of q^ (with the attention scale folded in) and k^, scale k^ . q^, and beta.
+struct TokenScales {
+  float q_scale, k_scale, qk_norm, beta;
+};
+
+__device__ __forceinline__ TokenScales token_scales(const KdaParams& p, const TokenRaw& in) {
   const float2 q01 = unpack_bf16(in.q.x), q23 = unpack_bf16(in.q.y);
   const float2 k01 = unpack_bf16(in.k.x), k23 = unpack_bf16(in.k.y);
-  const float2 g01 = unpack_bf16(in.g.x), g23 = unpack_bf16(in.g.y);
   const float q[4] = {q01.x, q01.y, q23.x, q23.y}, k[4] = {k01.x, k01.y, k23.x, k23.y};
-  const float g[4] = {g01.x, g01.y, g23.x, g23.y};
   float q_sq = 0.0f, k_sq = 0.0f, qk = 0.0f;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -80,18 +81,56 @@ __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const Tok
     k_sq += __shfl_xor_sync(kFullMask, k_sq, off);
     qk += __shfl_xor_sync(kFullMask, qk, off);
   }
-  const float q_scale = rsqrtf(q_sq + 1e-6f) * p.scale;  // scale folded into q^
-  const float k_scale = rsqrtf(k_sq + 1e-6f);
-  t.qk_norm = qk * q_scale * k_scale;
+  TokenScales s;
+  s.q_scale = rsqrtf(q_sq + 1e-6f) * p.scale;  // scale folded into q^
+  s.k_scale = rsqrtf(k_sq + 1e-6f);
+  s.qk_norm = qk * s.q_scale * s.k_scale;
+  s.beta = sigmoid(__bfloat162float(in.beta));
+  return s;
+}
+
+// This lane's decays of the token: the gate on its 4 channels.
+template <class Gate>
+__device__ __forceinline__ float4 token_decays(const TokenRaw& in, const Gate& gate) {
+  const float2 g01 = unpack_bf16(in.g.x), g23 = unpack_bf16(in.g.y);
+  return make_float4(ex2(gate.accumulate(0.0f, g01.x, 0)), ex2(gate.accumulate(0.0f, g01.y, 1)),
+                     ex2(gate.accumulate(0.0f, g23.x, 2)), ex2(gate.accumulate(0.0f, g23.y, 3)));
+}
+
+// The token as this lane uses it, from its raw q and k, its decays and the token's scales.
+__device__ __forceinline__ TokenPrep lane_token(uint2 q_raw, uint2 k_raw, float4 decays, const TokenScales& s) {
+  const float2 q01 = unpack_bf16(q_raw.x), q23 = unpack_bf16(q_raw.y);
+  const float2 k01 = unpack_bf16(k_raw.x), k23 = unpack_bf16(k_raw.y);
+  const float q[4] = {q01.x, q01.y, q23.x, q23.y}, k[4] = {k01.x, k01.y, k23.x, k23.y};
+  const float decay[4] = {decays.x, decays.y, decays.z, decays.w};
+  TokenPrep t;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    t.k_norm[j] = k[j] * k_scale;
-    t.q_norm[j] = q[j] * q_scale;
-    t.decay[j] = ex2(gate.accumulate(0.0f, g[j], j));
+    t.k_norm[j] = k[j] * s.k_scale;
+    t.q_norm[j] = q[j] * s.q_scale;
+    t.decay[j] = decay[j];
   }
-  t.beta = sigmoid(__bfloat162float(in.beta));
+  t.qk_norm = s.qk_norm;
+  t.beta = s.beta;
   return t;
 }
+
+template <class Gate>
+__device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const TokenRaw& in, const Gate& gate) {
+  return lane_token(in.q, in.k, token_decays(in, gate), token_scales(p, in));
+}
+
+// The token-outer build's tokens, prepared once per CTA: in rounds of up to kRoundTokens tokens, warp w
+// prepares the round's token w into shared memory, and every warp reads each token from there (kda_decode,
+// benchmarks/NOTES.md, round 21). Each lane reads what the same lane of the preparing warp wrote: its 4
+// channels.
+struct SharedToken {
+  static constexpr int kRoundTokens = 4;  // = DecodeConfig::kWarps: one token per warp
+  uint2 q[32], k[32];                     // as loaded
+  float4 decays[32];
+  TokenScales scales;
+  uint2 values[DecodeConfig::kWarps * DecodeConfig::kMaxGroups];  // 4 values of each of the CTA's row groups
+};
 
 // The lanes that write a token's outputs (see apply_token), and the row each writes.
 __device__ __forceinline__ bool writes_output(int lane) { return (lane & 19) == 16; }  // lanes 16, 20, 24, 28
@@ -282,10 +321,11 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     return {*reinterpret_cast<const uint2*>(q_head + t * sq.token), *reinterpret_cast<const uint2*>(k_head + t * sk.token),
             *reinterpret_cast<const uint2*>(g_head + t * sg.token), beta_head[t * sb.token]};
   };
-  // Later tokens are staged one token ahead with cp.async (TokenStage): the loads in flight hold no
-  // registers while the warp works on the current token. Lane g < groups copies the values of group g.
-  // (The streamed build runs one token: a later one, if the host's hint was wrong, is loaded when needed.)
-  __shared__ TokenStage stages[BUILD == kStreamed ? 1 : Cfg::kWarps];
+  // The one-group build stages its later tokens one token ahead with cp.async (TokenStage): the loads in
+  // flight hold no registers while the warp works on the current token. Lane g < groups copies the values
+  // of group g. (The streamed build runs one token: a later one, if the host's hint was wrong, is loaded
+  // when needed; the token-outer build shares its tokens through shared memory: SharedToken.)
+  __shared__ TokenStage stages[BUILD == kOneGroup ? Cfg::kWarps : 1];
   TokenStage& stage = stages[warp];
   auto stage_token = [&](int t) {
     cp_async_8(&stage.q[lane], q_head + t * sq.token);
@@ -329,24 +369,29 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   };
 
   // The second wave of loads: the initial rows (the grouped builds: into the ring, group by group, so
-  // that the first token starts on a group as soon as its rows have landed), token 0, straight to
-  // registers (lane l holds the values of group l mod groups), and the gate's parameters.
+  // that the first token starts on a group as soon as its rows have landed), the first token (token-outer:
+  // warp w prepares the first round's token w, SharedToken), straight to registers, its values (lane l
+  // holds those of group l mod groups; the streamed build: group 0's on every lane, each later group's at
+  // that group), and the gate's parameters.
   if constexpr (kGrouped) {
     stage_initial_rows();
   } else {
     load_rows(S);
   }
-  const TokenRaw first = seq_len > 0 ? load_token(0) : TokenRaw{};
-  // (the streamed build: every lane group 0's, and each later group's at that group)
-  const uint2 first_values = seq_len > 0 ? load_v(0, BUILD == kStreamed ? 0 : lane & (groups - 1)) : uint2{};
+  const int first_token = BUILD == kTokenOuter ? warp : 0;
+  const TokenRaw first = first_token < seq_len ? load_token(first_token) : TokenRaw{};
+  // (token-outer: lane l < kWarps * groups those of the CTA's row group l, i.e. of warp l / groups)
+  auto load_cta_values = [&](int t) {
+    return lane < Cfg::kWarps * groups ? load_v(t, lane - warp * groups) : uint2{};
+  };
+  const uint2 first_values = first_token >= seq_len  ? uint2{}
+                             : BUILD == kTokenOuter ? load_cta_values(first_token)
+                                                    : load_v(0, BUILD == kStreamed ? 0 : lane & (groups - 1));
   // The gate's parameters last: loaded in the first wave, ptxas used them between the row loads, and
   // fp32 one-token steps ran 4-11% slower from N = 8 (benchmarks/NOTES.md, round 16).
   const Gate gate(p, Gate::load(p, h, c0));
-  TokenPrep prep = seq_len > 0 ? prepare_token(p, first, gate) : TokenPrep{};
+  TokenPrep prep = BUILD != kTokenOuter && seq_len > 0 ? prepare_token(p, first, gate) : TokenPrep{};
 
-  auto first_values_of = [&](int group) {  // warp-uniform group
-    return make_uint2(__shfl_sync(kFullMask, first_values.x, group), __shfl_sync(kFullMask, first_values.y, group));
-  };
   if constexpr (BUILD == kStreamed) {
     // Groups outside: each group's rows from the ring, its token(s), its final state.
     uint2 values = first_values;
@@ -364,42 +409,68 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       store_final(rows0);
     }
   } else if constexpr (BUILD == kTokenOuter) {
-    // Tokens outside, groups inside; a sequence with no tokens makes one pass that only moves its state.
-    // Token 0's groups take their own branch (they wait for their initial rows, read them as stored and
-    // take their values from registers), so that the later tokens' path, where verify spends its issue
-    // slots, holds only the recurrence and its stores.
+    // Tokens outside, groups inside, in rounds of up to kRoundTokens tokens: warp w prepares the round's
+    // token w into shared memory (SharedToken), so that a token's norms and gate are worked out once per
+    // CTA, not once per warp, and no warp waits on them between tokens (benchmarks/NOTES.md, round 21).
+    // A warp walks its groups in alternate orders from token to token: within a round, the group a token
+    // ends on starts the next with its rows still in registers. Token 0's groups wait for their initial
+    // rows and read them as stored; a sequence with no tokens makes one pass that only moves its state.
+    constexpr int kRoundTokens = SharedToken::kRoundTokens;
+    __shared__ SharedToken shared_tokens[kRoundTokens];
+    auto share_token = [&](SharedToken& slot, const TokenRaw& in, uint2 values, const Gate& token_gate) {
+      const TokenScales scales = token_scales(p, in);
+      slot.q[lane] = in.q, slot.k[lane] = in.k, slot.decays[lane] = token_decays(in, token_gate);
+      if (lane == 0) slot.scales = scales;
+      if (lane < Cfg::kWarps * groups) slot.values[lane] = values;
+    };
+    auto shared_token = [&](const SharedToken& slot) {
+      return lane_token(slot.q[lane], slot.k[lane], slot.decays[lane], slot.scales);
+    };
+    const int tokens = max(seq_len, 1);
+    if (warp < seq_len) share_token(shared_tokens[warp], first, first_values, gate);
+    __syncthreads();  // the first round's tokens are shared
 #pragma unroll 1
-    for (int t = 0; t < max(seq_len, 1); ++t) {
-      // token t + 1: its values into the buffer every lane finished reading in token t - 1
-      const bf16 beta_next = t + 1 < seq_len ? stage_token(t + 1) : bf16{};
-      const bool last = t + 1 >= seq_len;
-      bf16* const output = token_output(t);
-      const long long state_offset = t < seq_len ? token_state(t) : -1;
-      const uint2* const staged_values = stage.v[t & 1];
-#pragma unroll 1
-      for (int group = 0; group < groups; ++group) {
-        const int rows0 = row0 + group * R;
-        uint2 values;
-        if (t == 0) {
-          cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
-          ring_read(group, 0, S);
-          values = first_values_of(group);
-        } else {
-          ring_read(group, 1, S);  // any token after the first: the fp32 rows the ring kept
-          values = staged_values[group];
+    for (int round_start = 0; round_start < tokens; round_start += kRoundTokens) {
+      if (round_start > 0) {
+        __syncthreads();  // every warp is done with the last round's tokens
+        // the gate's parameters loaded again (L1/L2 hits) rather than held through the rounds: ptxas
+        // spilled them at the build's 80 registers
+        const int t = round_start + warp;
+        if (t < seq_len) {
+          share_token(shared_tokens[warp], load_token(t), load_cta_values(t), Gate(p, h, c0));
         }
-        // the ring write (STS.128: each row in four consecutive registers) before the per-token store,
-        // whose packs ptxas otherwise placed so that it copied the rows back with 16 MOVs a group and
-        // token (benchmarks/NOTES.md, round 18)
-        if (t < seq_len) apply_and_output(prep, values, rows0, output);
-        if (!last) ring_write(group, S);
-        if (t < seq_len) store_token_state(rows0, state_offset);
-        if (last) store_final(rows0);
+        __syncthreads();  // the round's tokens are shared
       }
-      if (!last) {
-        cp_async_wait_all();  // token t + 1 landed
-        __syncwarp();         // ... for every lane; and every lane is done with token t's values
-        prep = prepare_token(p, staged_token(beta_next), gate);
+      const int round_end = min(round_start + kRoundTokens, tokens);
+#pragma unroll 1
+      for (int t = round_start; t < round_end; ++t) {
+        const bool last = t + 1 >= seq_len;
+        const SharedToken& token = shared_tokens[t - round_start];
+        if (t < seq_len) prep = shared_token(token);
+        bf16* const output = token_output(t);
+        const long long state_offset = t < seq_len ? token_state(t) : -1;
+#pragma unroll 1
+        for (int i = 0; i < groups; ++i) {
+          const int group = t & 1 ? groups - 1 - i : i;
+          const int rows0 = row0 + group * R;
+          if (t == 0) {
+            cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+            ring_read(group, 0, S);
+          } else if (i > 0 || t == round_start) {
+            ring_read(group, 1, S);  // the fp32 rows the ring kept (else the last token's, in registers)
+          }
+          const uint2 values = token.values[warp * groups + group];
+          // the ring write (STS.128: each row in four consecutive registers) before the per-token store,
+          // whose packs ptxas otherwise placed so that it copied the rows back with 16 MOVs a group and
+          // token (benchmarks/NOTES.md, round 18)
+          if (t < seq_len) apply_and_output(prep, values, rows0, output);
+          // the group a token ends on keeps its rows in registers for the next token of the round (not
+          // across a round's barrier and preparation: ptxas spilled there)
+          const bool rows_kept = i + 1 == groups && t + 1 < round_end;
+          if (!last && !rows_kept) ring_write(group, S);
+          if (t < seq_len) store_token_state(rows0, state_offset);
+          if (last) store_final(rows0);
+        }
       }
     }
   } else {
