@@ -125,7 +125,7 @@ __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const Tok
 // benchmarks/NOTES.md, round 21). Each lane reads what the same lane of the preparing warp wrote: its 4
 // channels.
 struct SharedToken {
-  static constexpr int kRoundTokens = 4;  // = DecodeConfig::kWarps: one token per warp
+  static constexpr int kRoundTokens = DecodeConfig::kWarps;  // one token per warp
   uint2 q[32], k[32];                     // as loaded
   float4 decays[32];
   TokenScales scales;
