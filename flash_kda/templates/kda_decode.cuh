@@ -126,7 +126,7 @@ __device__ __forceinline__ TokenPrep prepare_token(const KdaParams& p, const Tok
 // channels.
 struct SharedToken {
   static constexpr int kRoundTokens = DecodeConfig::kWarps;  // one token per warp
-  uint2 q[32], k[32];                     // as loaded
+  uint2 q[32], k[32];  // as loaded
   float4 decays[32];
   TokenScales scales;
   uint2 values[DecodeConfig::kWarps * DecodeConfig::kMaxGroups];  // 4 values of each of the CTA's row groups
