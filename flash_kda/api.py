@@ -90,6 +90,18 @@ def _decode_ctas_per_head(state_in: str, state_out: str, units: int, one_wave_un
     return 4 if units <= one_wave_units[1] else 8 if fp32 else 2
 
 
+def _decode_halved_tail(num_seqs: int, num_heads: int, ctas_per_head: int, resident_ctas: int) -> int:
+    """How many of a grouped build's launch's last sequences run at twice ``ctas_per_head`` (each takes two
+    z indices of the grid: kda_decode.cuh decode_cta_of). Their CTAs, half as long and dispatched last,
+    shorten the launch's drain, where the SMs empty around long CTAs that then move few bytes: about one
+    wave of resident CTAs' worth of them, in launches longer than one wave (one wave has no drain to
+    shorten, and halved CTAs cost their extra starts). H100: one-token bf16 N = 32 2.4% and N = 128 0.8%
+    faster, verify bf16 T = 8 1% (benchmarks/NOTES.md, round 27)."""
+    if num_seqs * num_heads * ctas_per_head <= resident_ctas:
+        return 0
+    return min(num_seqs, MAX_GRID_YZ - num_seqs, max(1, round(resident_ctas / (2 * ctas_per_head * num_heads))))
+
+
 def choose_v_block(units: int, device_index: int) -> int:
     """V-slice width per CTA for ``units`` (sequence, head) pairs.
 
@@ -276,7 +288,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     ctas_per_head = 0
     if short and not features & FEATURE_CHECKPOINTS or features & FEATURE_PER_TOKEN:
         one_token = (max_seqlen == 1 if varlen else T == 1) and not features & FEATURE_PER_TOKEN
-        ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, _decode_one_wave_units(index), one_token)
+        one_wave_units = _decode_one_wave_units(index)
+        ctas_per_head = _decode_ctas_per_head(state_in, state_out, units, one_wave_units, one_token)
         v_block = DECODE if ctas_per_head == 8 else DECODE_STREAMED if one_token else DECODE_TOKEN_OUTER
     elif v_block is None:
         v_block = choose_v_block(units, index)
@@ -317,10 +330,13 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     stream = _streams.get(torch._C._cuda_getCurrentRawStream(index))
     if stream is None:
         stream = _stream_handle(index)
-    # the token-by-token kernel's grid is (CTAs a head, H, N): no integer division in its CTAs' start
-    # (kda_decode.cuh decode_cta_of); flattened where N or H exceeds a grid dimension
+    # the token-by-token kernel's grid is (CTAs a head, H, N + halved tail): no integer division in its CTAs'
+    # start (kda_decode.cuh decode_cta_of); flattened where N or H exceeds a grid dimension
     if ctas_per_head and N <= MAX_GRID_YZ and H <= MAX_GRID_YZ:
         grid_x, grid_y, grid_z = ctas_per_head, H, N
+        if ctas_per_head < 8:  # the grouped builds: the launch's last sequences at twice the CTAs a head
+            grid_z += _decode_halved_tail(N, H, ctas_per_head,
+                                          one_wave_units[2] * 2 if one_token else one_wave_units[1] * 4)
     else:
         grid_x, grid_y, grid_z = units * splits, 1, 1
     if torch._C._cuda_getDevice() == index:

@@ -60,28 +60,41 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
     spec, blocks, _ = launched(device)
     assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if ctas_per_head == 8 else "streamed")
-    assert blocks == N * 32 * ctas_per_head
+    # beyond one wave (660 streamed CTAs) the last 5 sequences at 4 CTAs a head (api._decode_halved_tail)
+    tail = 5 if ctas_per_head == 2 and N * 32 * 2 > 660 else 0
+    assert blocks == (N + tail) * 32 * ctas_per_head
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
     spec, blocks, _ = launched(device)
     several = 8 if N * 32 <= 115 else 4 if N * 32 <= 198 else 8 if dtype is torch.float32 else 2
     assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if several == 8 else "token_outer")
-    assert blocks == N * 32 * several
+    tail = 6 if several == 2 else 0  # beyond one wave of 792 token-outer CTAs: the last 6 at 4 a head
+    assert blocks == (N + tail) * 32 * several
 
 
-@pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2, 32, 1024)),
+@pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2, 32, 1024 + 5)),
                                                  (3, 2, (3 * 32 * 8, 1, 1)), (1, 32, (8, 32, 1)),
                                                  (1, 31, (32 * 8, 1, 1))])
 def test_the_decode_grid_is_ctas_a_head_by_heads_by_sequences(device, monkeypatch, N, max_grid_yz, grid):
     """The token-by-token kernel's CTAs find their slice, head and sequence in blockIdx without dividing
-    (kda_decode.cuh decode_cta_of); a launch whose N or H exceeds gridDim.y/z's limit comes flattened."""
+    (kda_decode.cuh decode_cta_of), a long launch's last sequences twice in z (api._decode_halved_tail); a
+    launch whose N or H exceeds gridDim.y/z's limit comes flattened."""
     monkeypatch.setattr(api, "MAX_GRID_YZ", max_grid_yz)
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))
     states = torch.zeros(N, 32, 128, 128, dtype=torch.bfloat16)
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
-    assert device[2] == [grid] and device[1][0][1] == N * 32 * (8 if N < 4 else 2)
+    assert device[2] == [grid] and device[1][0][1] == grid[0] * grid[1] * grid[2]
     flash_kda.fwd(**inputs(B=2, T=32, H=3))  # the chunked kernel: a 1-D grid
     spec, blocks, _, _ = device[1][1]
     assert isinstance(spec, KernelSpec) and device[2][1] == (blocks, 1, 1)
+
+
+@pytest.mark.parametrize("N,H,ctas_per_head,resident,tail", [
+    (10, 32, 2, 660, 0), (11, 32, 2, 660, 5), (128, 32, 2, 660, 5), (64, 32, 2, 792, 6), (1024, 64, 2, 660, 3),
+    (2, 1024, 2, 660, 1), (1, 4096, 2, 660, 1), (65535, 1, 2, 660, 0), (65533, 1, 2, 660, 2)])
+def test_a_decode_launch_longer_than_one_wave_ends_on_halved_ctas(N, H, ctas_per_head, resident, tail):
+    """Beyond one wave of resident CTAs, about one wave's worth of the last sequences run at twice the CTAs
+    a head: at least one, at most all of them, and never past gridDim.z's limit."""
+    assert api._decode_halved_tail(N, H, ctas_per_head, resident) == tail
 
 
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):

@@ -4,7 +4,7 @@ Varlen with an empty and a length-1 sequence; the general gates (every chunk for
 slots; 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
 past the sequence, not multiples of 16, or huge; strided inputs. Calls that run the token-by-token
 kernel run through each of its launch shapes (8 CTAs a head, and the streamed or token-outer build at
-4 and 2; and the flattened grid). None
+4 and 2, each with its last sequences at twice that; and the flattened grid). None
 of it may touch memory out of bounds. Usage: compute-sanitizer --tool memcheck python tools/sanitize_case.py
 """
 import torch
@@ -13,17 +13,19 @@ import flash_kda
 from flash_kda import api
 from kda_inputs import make_inputs
 
-_rule, _grid_limit = api._decode_ctas_per_head, api.MAX_GRID_YZ
+_rule, _tail, _grid_limit = api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ
 
 
 def decode_shapes(call) -> None:
     """call() once per launch shape of the token-by-token kernel, whatever the host's rule would pick: 8, 4
-    and 2 CTAs a head on the (CTAs a head, H, N) grid, and 2 on the flattened grid (N or H too large)."""
+    and 2 CTAs a head on the (CTAs a head, H, N + tail) grid, the last half of the sequences at twice the
+    CTAs a head with 4 and 2 (api._decode_halved_tail), and 2 on the flattened grid (N or H too large)."""
+    api._decode_halved_tail = lambda num_seqs, *args: num_seqs // 2
     for ctas, max_grid_yz in ((8, _grid_limit), (4, _grid_limit), (2, _grid_limit), (2, 1)):
         api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
         api.MAX_GRID_YZ = max_grid_yz
         call()
-    api._decode_ctas_per_head, api.MAX_GRID_YZ = _rule, _grid_limit
+    api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ = _rule, _tail, _grid_limit
 
 
 H = 3

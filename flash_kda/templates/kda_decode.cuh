@@ -175,7 +175,7 @@ struct DecodeCta {
   int slice, head, seq, ctas_per_head;
 };
 
-// Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N), so that no
+// Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N + tail), so that no
 // integer division (about 20 instructions each, three of them chained) stands between a CTA's start and
 // its first loads (benchmarks/NOTES.md, round 18); a launch of more sequences or heads than a grid
 // dimension holds (65535) comes flattened, (sequence, head, slice) in x (api.fwd), and is divided out.
@@ -185,8 +185,14 @@ __device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
     const int unit = blockIdx.x / ctas_per_head;
     return {static_cast<int>(blockIdx.x) - unit * ctas_per_head, unit % p.num_heads, unit / p.num_heads, ctas_per_head};
   }
-  return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z),
-          static_cast<int>(gridDim.x)};
+  // The launch's last `tail` sequences may run at twice the CTAs a head, each taking two z indices
+  // (api._decode_halved_tail): their CTAs, half as long, are dispatched last and shorten the launch's drain
+  // (benchmarks/NOTES.md, round 27).
+  const int halved_from = 2 * p.num_seqs - static_cast<int>(gridDim.z);  // the first such sequence (N: none)
+  const int z = blockIdx.z, pair = z - halved_from;
+  const bool halved = pair >= 0;  // selects, not branches: they compile shorter
+  return {static_cast<int>(blockIdx.x) + (halved ? static_cast<int>(gridDim.x) * (pair & 1) : 0), static_cast<int>(blockIdx.y),
+          halved ? halved_from + (pair >> 1) : z, static_cast<int>(gridDim.x) << (halved ? 1 : 0)};
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
