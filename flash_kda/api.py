@@ -94,10 +94,11 @@ def _decode_halved_tail(num_seqs: int, num_heads: int, ctas_per_head: int, resid
     """How many of a grouped build's launch's last sequences run at twice ``ctas_per_head`` (each takes two
     z indices of the grid: kda_decode.cuh decode_cta_of). Their CTAs, half as long and dispatched last,
     shorten the launch's drain, where the SMs empty around long CTAs that then move few bytes: about one
-    wave of resident CTAs' worth of them, in launches longer than one wave (one wave has no drain to
-    shorten, and halved CTAs cost their extra starts). H100: one-token bf16 N = 32 2.4% and N = 128 0.8%
-    faster, verify bf16 T = 8 1% (benchmarks/NOTES.md, round 27)."""
-    if num_seqs * num_heads * ctas_per_head <= resident_ctas:
+    wave of resident CTAs' worth of them, in launches of at least one and a half waves (at 1.16 waves,
+    bf16 one-token N = 12 on the H100, the halved CTAs' extra starts cost 4%; at 1.55 waves, N = 16, they
+    gain 3%). H100: one-token bf16 N = 32 2.4% faster, N = 128 0.4-0.8%, verify bf16 T = 8 0.6-1%
+    (benchmarks/NOTES.md, round 27)."""
+    if 2 * num_seqs * num_heads * ctas_per_head < 3 * resident_ctas:
         return 0
     return min(num_seqs, MAX_GRID_YZ - num_seqs, max(1, round(resident_ctas / (2 * ctas_per_head * num_heads))))
 

@@ -60,14 +60,14 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)
     spec, blocks, _ = launched(device)
     assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if ctas_per_head == 8 else "streamed")
-    # beyond one wave (660 streamed CTAs) the last 5 sequences at 4 CTAs a head (api._decode_halved_tail)
-    tail = 5 if ctas_per_head == 2 and N * 32 * 2 > 660 else 0
+    # from 1.5 waves (of 660 streamed CTAs) the last 5 sequences at 4 CTAs a head (api._decode_halved_tail)
+    tail = 5 if ctas_per_head == 2 and N * 32 * 2 >= 1.5 * 660 else 0
     assert blocks == (N + tail) * 32 * ctas_per_head
     flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=2)  # maybe more tokens
     spec, blocks, _ = launched(device)
     several = 8 if N * 32 <= 115 else 4 if N * 32 <= 198 else 8 if dtype is torch.float32 else 2
     assert isinstance(spec, DecodeSpec) and spec.build == ("one_group" if several == 8 else "token_outer")
-    tail = 6 if several == 2 else 0  # beyond one wave of 792 token-outer CTAs: the last 6 at 4 a head
+    tail = 6 if several == 2 else 0  # beyond 1.5 waves of 792 token-outer CTAs: the last 6 at 4 a head
     assert blocks == (N + tail) * 32 * several
 
 
@@ -89,11 +89,12 @@ def test_the_decode_grid_is_ctas_a_head_by_heads_by_sequences(device, monkeypatc
 
 
 @pytest.mark.parametrize("N,H,ctas_per_head,resident,tail", [
-    (10, 32, 2, 660, 0), (11, 32, 2, 660, 5), (128, 32, 2, 660, 5), (64, 32, 2, 792, 6), (1024, 64, 2, 660, 3),
-    (2, 1024, 2, 660, 1), (1, 4096, 2, 660, 1), (65535, 1, 2, 660, 0), (65533, 1, 2, 660, 2)])
-def test_a_decode_launch_longer_than_one_wave_ends_on_halved_ctas(N, H, ctas_per_head, resident, tail):
-    """Beyond one wave of resident CTAs, about one wave's worth of the last sequences run at twice the CTAs
-    a head: at least one, at most all of them, and never past gridDim.z's limit."""
+    (10, 32, 2, 660, 0), (15, 32, 2, 660, 0), (16, 32, 2, 660, 5), (128, 32, 2, 660, 5), (64, 32, 2, 792, 6),
+    (1024, 64, 2, 660, 3), (2, 1024, 2, 660, 1), (1, 4096, 2, 660, 1), (65535, 1, 2, 660, 0),
+    (65533, 1, 2, 660, 2)])
+def test_a_decode_launch_of_several_waves_ends_on_halved_ctas(N, H, ctas_per_head, resident, tail):
+    """From one and a half waves of resident CTAs, about one wave's worth of the last sequences run at twice
+    the CTAs a head: at least one, at most all of them, and never past gridDim.z's limit."""
     assert api._decode_halved_tail(N, H, ctas_per_head, resident) == tail
 
 

@@ -190,9 +190,11 @@ __device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
   // (benchmarks/NOTES.md, round 27).
   const int halved_from = 2 * p.num_seqs - static_cast<int>(gridDim.z);  // the first such sequence (N: none)
   const int z = blockIdx.z, pair = z - halved_from;
-  const bool halved = pair >= 0;  // selects, not branches: they compile shorter
-  return {static_cast<int>(blockIdx.x) + (halved ? static_cast<int>(gridDim.x) * (pair & 1) : 0), static_cast<int>(blockIdx.y),
-          halved ? halved_from + (pair >> 1) : z, static_cast<int>(gridDim.x) << (halved ? 1 : 0)};
+  if (pair < 0) {
+    return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), z, static_cast<int>(gridDim.x)};
+  }
+  return {static_cast<int>(blockIdx.x + gridDim.x * (pair & 1)), static_cast<int>(blockIdx.y), halved_from + (pair >> 1),
+          2 * static_cast<int>(gridDim.x)};
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
