@@ -331,13 +331,15 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     stream = _streams.get(torch._C._cuda_getCurrentRawStream(index))
     if stream is None:
         stream = _stream_handle(index)
-    # the token-by-token kernel's grid is (CTAs a head, H, N + halved tail): no integer division in its CTAs'
-    # start (kda_decode.cuh decode_cta_of); flattened where N or H exceeds a grid dimension
+    # the token-by-token kernel's grid is (CTAs a head, H, N): no integer division in its CTAs' start; a
+    # grouped build's launch of several waves ends on its last sequences at twice the CTAs a head, (CTAs a
+    # head * H, 1, N + tail); flattened where N or H exceeds a grid dimension (kda_decode.cuh decode_cta_of)
     if ctas_per_head and N <= MAX_GRID_YZ and H <= MAX_GRID_YZ:
         grid_x, grid_y, grid_z = ctas_per_head, H, N
-        if ctas_per_head < 8:  # the grouped builds: the launch's last sequences at twice the CTAs a head
-            grid_z += _decode_halved_tail(N, H, ctas_per_head,
-                                          one_wave_units[2] * 2 if one_token else one_wave_units[1] * 4)
+        if ctas_per_head < 8:
+            tail = _decode_halved_tail(N, H, ctas_per_head, one_wave_units[2] * 2 if one_token else one_wave_units[1] * 4)
+            if tail:
+                grid_x, grid_y, grid_z = ctas_per_head * H, 1, N + tail
     else:
         grid_x, grid_y, grid_z = units * splits, 1, 1
     if torch._C._cuda_getDevice() == index:

@@ -71,13 +71,14 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     assert blocks == (N + tail) * 32 * several
 
 
-@pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2, 32, 1024 + 5)),
+@pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2 * 32, 1, 1024 + 5)),
                                                  (3, 2, (3 * 32 * 8, 1, 1)), (1, 32, (8, 32, 1)),
                                                  (1, 31, (32 * 8, 1, 1))])
 def test_the_decode_grid_is_ctas_a_head_by_heads_by_sequences(device, monkeypatch, N, max_grid_yz, grid):
     """The token-by-token kernel's CTAs find their slice, head and sequence in blockIdx without dividing
-    (kda_decode.cuh decode_cta_of), a long launch's last sequences twice in z (api._decode_halved_tail); a
-    launch whose N or H exceeds gridDim.y/z's limit comes flattened."""
+    (kda_decode.cuh decode_cta_of); a launch of several waves comes as (CTAs a head * H, 1, N + tail), its
+    last sequences twice in z (api._decode_halved_tail); a launch whose N or H exceeds gridDim.y/z's limit
+    comes flattened."""
     monkeypatch.setattr(api, "MAX_GRID_YZ", max_grid_yz)
     args = inputs(T=N, H=32, varlen=list(range(N + 1)))
     states = torch.zeros(N, 32, 128, 128, dtype=torch.bfloat16)

@@ -175,26 +175,33 @@ struct DecodeCta {
   int slice, head, seq, ctas_per_head;
 };
 
-// Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N + tail), so that no
+// Which slice of which (sequence, head) this CTA owns. The grid is (ctas_per_head, H, N), so that no
 // integer division (about 20 instructions each, three of them chained) stands between a CTA's start and
-// its first loads (benchmarks/NOTES.md, round 18); a launch of more sequences or heads than a grid
-// dimension holds (65535) comes flattened, (sequence, head, slice) in x (api.fwd), and is divided out.
+// its first loads (benchmarks/NOTES.md, round 18). Two launches come otherwise (api.fwd), both with
+// gridDim.y = 1, which the common grid's start tests for no more than it did before them:
+// - more sequences or heads than a grid dimension holds (65535): flattened, (sequence, head, slice) in x,
+//   divided out;
+// - a launch of several waves whose last `tail` sequences run at twice the CTAs a head
+//   (api._decode_halved_tail): (ctas_per_head * H, 1, N + tail), each of those sequences taking two z
+//   indices, so that their CTAs, half as long, are dispatched last and shorten the launch's drain
+//   (benchmarks/NOTES.md, round 27). One division by H, which several waves hide (round 18); at H = 1 it
+//   reads the common grid the same way.
 __device__ __forceinline__ DecodeCta decode_cta_of(const KdaParams& p) {
-  if (gridDim.y == 1 && gridDim.z == 1) {  // flattened (or N = H = 1, where both readings agree)
-    const int ctas_per_head = gridDim.x / (p.num_seqs * p.num_heads);
-    const int unit = blockIdx.x / ctas_per_head;
-    return {static_cast<int>(blockIdx.x) - unit * ctas_per_head, unit % p.num_heads, unit / p.num_heads, ctas_per_head};
+  if (gridDim.y == 1) {
+    if (gridDim.z == 1) {  // flattened (or N = H = 1, where every reading agrees)
+      const int ctas_per_head = gridDim.x / (p.num_seqs * p.num_heads);
+      const int unit = blockIdx.x / ctas_per_head;
+      return {static_cast<int>(blockIdx.x) - unit * ctas_per_head, unit % p.num_heads, unit / p.num_heads, ctas_per_head};
+    }
+    const int ctas_per_head = gridDim.x / p.num_heads;  // a power of two
+    const int head = blockIdx.x >> (__ffs(ctas_per_head) - 1), slice = blockIdx.x & (ctas_per_head - 1);
+    const int halved_from = 2 * p.num_seqs - static_cast<int>(gridDim.z);  // the first halved sequence (N: none)
+    const int pair = static_cast<int>(blockIdx.z) - halved_from;
+    if (pair < 0) return {slice, head, static_cast<int>(blockIdx.z), ctas_per_head};
+    return {slice + ctas_per_head * (pair & 1), head, halved_from + (pair >> 1), 2 * ctas_per_head};
   }
-  // The launch's last `tail` sequences may run at twice the CTAs a head, each taking two z indices
-  // (api._decode_halved_tail): their CTAs, half as long, are dispatched last and shorten the launch's drain
-  // (benchmarks/NOTES.md, round 27).
-  const int halved_from = 2 * p.num_seqs - static_cast<int>(gridDim.z);  // the first such sequence (N: none)
-  const int z = blockIdx.z, pair = z - halved_from;
-  if (pair < 0) {
-    return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), z, static_cast<int>(gridDim.x)};
-  }
-  return {static_cast<int>(blockIdx.x + gridDim.x * (pair & 1)), static_cast<int>(blockIdx.y), halved_from + (pair >> 1),
-          2 * static_cast<int>(gridDim.x)};
+  return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z),
+          static_cast<int>(gridDim.x)};
 }
 
 // A CTA owns a slice of 128 / ctas_per_head value rows of one (sequence, head) (the host picks
