@@ -176,6 +176,21 @@ def test_spill_check_refuses_a_kernel_that_spills(monkeypatch):
         assert "8 bytes spill stores" in str(excinfo.value)
 
 
+def test_spill_check_compiles_again_when_the_log_holds_no_report(monkeypatch, caplog):
+    """NVRTC 13.0 now and then returns an empty log for a compile that succeeded: one more compile for the
+    report, with a warning; a second empty log fails the compile rather than pass it unchecked."""
+    report = "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+    logs = iter(["", report])
+    monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", next(logs)))
+    monkeypatch.setenv("FLASH_KDA_JIT_CHECK_SPILLS", "1")
+    with caplog.at_level("WARNING", logger="flash_kda.jit"):
+        assert NVRTCCompiler().compile(SMALL) == b"cubin"
+    assert "no ptxas report" in caplog.text and "compiling it again" in caplog.text
+    monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", ""))
+    with pytest.raises(CompileError, match="no ptxas report to check"):
+        NVRTCCompiler().compile(SMALL)
+
+
 def test_dump_writes_source_ptx_report_and_cubin(tmp_path, monkeypatch):
     """FLASH_KDA_JIT_DUMP with a real NVRTC compile (the one-group decode kernel, the smallest)."""
     monkeypatch.setenv("FLASH_KDA_JIT_DUMP", str(tmp_path))
