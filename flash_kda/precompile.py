@@ -125,10 +125,20 @@ def _compile_in_workers(specs: list[AnySpec], cache_dir: Path, compiler: str, wo
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Precompile workers end with their parent, however it ends (each holds ~600 MB while compiling),
-    and compile with NVRTC's precompiled headers unless FLASH_KDA_JIT_PCH says otherwise."""
+def _worker_environment() -> None:
+    """Precompile workers compile with NVRTC's precompiled headers unless FLASH_KDA_JIT_PCH says otherwise;
+    under FLASH_KDA_JIT_CHECK_SPILLS=1, past the CUDA compute cache, where NVRTC 13 would take the cubins
+    an earlier compile left without the ptxas report the check reads (jit/compiler.py). Set before the
+    worker's first NVRTC call."""
     os.environ.setdefault("FLASH_KDA_JIT_PCH", "1")
+    if env_flag("FLASH_KDA_JIT_CHECK_SPILLS"):
+        os.environ.setdefault("CUDA_CACHE_DISABLE", "1")
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Precompile workers end with their parent, however it ends (each holds ~600 MB while compiling);
+    their environment: _worker_environment."""
+    _worker_environment()
     if sys.platform.startswith("linux"):
         try:  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
             ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)

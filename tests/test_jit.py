@@ -176,19 +176,21 @@ def test_spill_check_refuses_a_kernel_that_spills(monkeypatch):
         assert "8 bytes spill stores" in str(excinfo.value)
 
 
-def test_spill_check_compiles_again_when_the_log_holds_no_report(monkeypatch, caplog):
-    """NVRTC 13.0 now and then returns an empty log for a compile that succeeded: one more compile for the
-    report, with a warning; a second empty log fails the compile rather than pass it unchecked."""
-    report = "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
-    logs = iter(["", report])
-    monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", next(logs)))
-    monkeypatch.setenv("FLASH_KDA_JIT_CHECK_SPILLS", "1")
-    with caplog.at_level("WARNING", logger="flash_kda.jit"):
-        assert NVRTCCompiler().compile(SMALL) == b"cubin"
-    assert "no ptxas report" in caplog.text and "compiling it again" in caplog.text
+def test_spill_check_fails_a_compile_without_a_report_and_precompile_bypasses_the_compute_cache(monkeypatch):
+    """NVRTC 13 returns no ptxas report for a cubin it takes from the CUDA compute cache (an earlier compile
+    of the same kernel on the machine): the check must not pass such a compile unchecked, and says how to
+    get the report; precompile's workers run past the cache when the check is on."""
+    from flash_kda.precompile import _worker_environment
     monkeypatch.setattr(NVRTCCompiler, "_compile", lambda self, spec, ptx, verbose: (b"cubin", ""))
-    with pytest.raises(CompileError, match="no ptxas report to check"):
+    monkeypatch.setenv("FLASH_KDA_JIT_CHECK_SPILLS", "1")
+    with pytest.raises(CompileError, match=r"no ptxas report to check(.|\n)*CUDA_CACHE_DISABLE=1"):
         NVRTCCompiler().compile(SMALL)
+    for check, expected in (("0", None), ("1", "1")):
+        monkeypatch.setenv("FLASH_KDA_JIT_CHECK_SPILLS", check)
+        monkeypatch.delenv("CUDA_CACHE_DISABLE", raising=False)
+        monkeypatch.delenv("FLASH_KDA_JIT_PCH", raising=False)
+        _worker_environment()
+        assert os.environ.get("CUDA_CACHE_DISABLE") == expected and os.environ["FLASH_KDA_JIT_PCH"] == "1"
 
 
 def test_dump_writes_source_ptx_report_and_cubin(tmp_path, monkeypatch):
