@@ -96,7 +96,7 @@ def _decode_halved_tail(num_seqs: int, num_heads: int, ctas_per_head: int, resid
     shorten the launch's drain, where the SMs empty around long CTAs that then move few bytes: about one
     wave of resident CTAs' worth of them, in launches of at least one and a half waves (at 1.16 waves,
     bf16 one-token N = 12 on the H100, the halved CTAs' extra starts cost 4%; at 1.55 waves, N = 16, they
-    gain 3%). H100: one-token bf16 N = 32 2.4% faster, N = 128 0.4-0.8%, verify bf16 T = 8 0.6-1%
+    gain 3%). H100: one-token bf16 N = 16 and 32 2-3% faster, N = 128 0.6%, verify bf16 within 0.3%
     (benchmarks/NOTES.md, round 27)."""
     if 2 * num_seqs * num_heads * ctas_per_head < 3 * resident_ctas:
         return 0
@@ -337,7 +337,8 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if ctas_per_head and N <= MAX_GRID_YZ and H <= MAX_GRID_YZ:
         grid_x, grid_y, grid_z = ctas_per_head, H, N
         if ctas_per_head < 8:
-            tail = _decode_halved_tail(N, H, ctas_per_head, one_wave_units[2] * 2 if one_token else one_wave_units[1] * 4)
+            resident = one_wave_units[2] * 2 if one_token else one_wave_units[1] * 4  # the build's CTAs in one wave
+            tail = _decode_halved_tail(N, H, ctas_per_head, resident)
             if tail:
                 grid_x, grid_y, grid_z = ctas_per_head * H, 1, N + tail
     else:

@@ -18,8 +18,9 @@ _rule, _tail, _grid_limit = api._decode_ctas_per_head, api._decode_halved_tail, 
 
 def decode_shapes(call) -> None:
     """call() once per launch shape of the token-by-token kernel, whatever the host's rule would pick: 8, 4
-    and 2 CTAs a head on the (CTAs a head, H, N + tail) grid, the last half of the sequences at twice the
-    CTAs a head with 4 and 2 (api._decode_halved_tail), and 2 on the flattened grid (N or H too large)."""
+    and 2 CTAs a head on the (CTAs a head, H, N) grid, 4 and 2 with the last half of the sequences at twice
+    that on the (CTAs a head * H, 1, N + tail) grid (api._decode_halved_tail), and 2 on the flattened grid
+    (N or H too large)."""
     api._decode_halved_tail = lambda num_seqs, *args: num_seqs // 2
     for ctas, max_grid_yz in ((8, _grid_limit), (4, _grid_limit), (2, _grid_limit), (2, 1)):
         api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
