@@ -21,9 +21,10 @@ def decode_shapes(call) -> None:
     and 2 CTAs a head on the (CTAs a head, H, N) grid, 4 and 2 with the last half of the sequences at twice
     that on the (CTAs a head * H, 1, N + tail) grid (api._decode_halved_tail), and 2 on the flattened grid
     (N or H too large)."""
-    api._decode_halved_tail = lambda num_seqs, *args: num_seqs // 2
-    for ctas, max_grid_yz in ((8, _grid_limit), (4, _grid_limit), (2, _grid_limit), (2, 1)):
+    for ctas, halved, max_grid_yz in ((8, False, _grid_limit), (4, False, _grid_limit), (2, False, _grid_limit),
+                                      (4, True, _grid_limit), (2, True, _grid_limit), (2, False, 1)):
         api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
+        api._decode_halved_tail = lambda num_seqs, *args, halved=halved: num_seqs // 2 if halved else 0
         api.MAX_GRID_YZ = max_grid_yz
         call()
     api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ = _rule, _tail, _grid_limit
