@@ -1,0 +1,232 @@
+// What the serving steps' bytes cost with no arithmetic at all: kernels that only move a one-token step's or a
+// speculative verify's bytes, in the pattern bench_decode.py's rows use (benchmarks/NOTES.md, "What the bf16 rows'
+// bytes cost with the step's inputs"). Each (sequence, head) state of a pool (V = K = 128) is read from one random
+// slot and written to T random slots (T = 1: back in place, a decode step; T > 1: verify's per-token states), CTAS
+// CTAs of 128 threads a (sequence, head), 16-byte loads and stores; optionally with the step's inputs (q, k, g and
+// v read, out written, [N, T, H, 128] bf16, as the decode kernel reads them: each CTA its head's q, k, g and its
+// rows' values). Timed as bench_decode.py's step graph: 8 launches on 8 pools in a CUDA graph, the L2 flushed
+// before each replay, the median of 30 replays, µs a launch.
+//
+//   nvcc -O3 -arch=sm_90a -o /tmp/movers benchmarks/movers.cu && /tmp/movers [copy bandwidth in TB/s]
+//
+// The floor is the state bytes over the bandwidth given (bench_decode.py prints its own, from torch's copy), or
+// over a 1 GiB cudaMemcpyAsync's measured here. Prints a markdown table; not part of the package or its tests.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+namespace {
+
+constexpr int kHeads = 32, kStateElems = 128 * 128, kThreads = 128, kPools = 8, kReps = 30;
+constexpr int kMaxSlots = 2048, kMaxTokens = 1024;  // pool slots, and N * T of the largest row
+
+#define CHECK(x)                                                              \
+  do {                                                                        \
+    cudaError_t err = (x);                                                    \
+    if (err != cudaSuccess) {                                                 \
+      std::printf("%s: %s\n", #x, cudaGetErrorString(err));                   \
+      std::exit(1);                                                           \
+    }                                                                         \
+  } while (0)
+
+struct StepInputs {  // [N, T, H, 128] bf16, read and written as 8-byte words (4 channels a lane)
+  const uint2 *q, *k, *g, *v;
+  uint2* out;
+};
+
+enum Store { kStreaming = 0, kPlain = 1 };
+
+// ELEM: bytes a state element (2 bf16, 4 fp32); CTAS: CTAs a (sequence, head); T: tokens.
+template <int ELEM, int CTAS, int T, int STORE, bool INPUTS>
+__global__ void __launch_bounds__(kThreads) move_step(char* pool, const int* read_slot, const int* token_slots,
+                                                      StepInputs in) {
+  constexpr int kHeadBytes = kStateElems * ELEM, kSliceBytes = kHeadBytes / CTAS;
+  constexpr int kChunks = kSliceBytes / 16 / kThreads;  // 16-byte pieces a thread
+  constexpr int kValueWords = 32 / CTAS;                // the slice's values: 8-byte words of a token's v
+  const int seq = blockIdx.z, head = blockIdx.y, slice = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long slice_offset = static_cast<long long>(head) * kHeadBytes + slice * kSliceBytes;
+  const char* source = pool + static_cast<long long>(read_slot[seq]) * kHeads * kHeadBytes + slice_offset;
+  uint4 rows[kChunks];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) rows[i] = *reinterpret_cast<const uint4*>(source + (i * kThreads + threadIdx.x) * 16);
+  uint32_t mixed = 0;  // every input byte read feeds the stores, so that no load is dropped
+  if constexpr (INPUTS) {
+    for (int t = warp; t < T; t += kThreads / 32) {  // warp w: token w's q, k, g; the slice's values
+      const long long token = (static_cast<long long>(seq) * T + t) * kHeads + head;
+      mixed ^= in.q[token * 32 + lane].x ^ in.k[token * 32 + lane].y ^ in.g[token * 32 + lane].x;
+      if (lane < kValueWords) mixed ^= in.v[token * 32 + slice * kValueWords + lane].y;
+    }
+  }
+#pragma unroll 1
+  for (int t = 0; t < T; ++t) {
+    char* target = pool + static_cast<long long>(token_slots[seq * T + t]) * kHeads * kHeadBytes + slice_offset;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      uint4 piece = rows[i];
+      piece.x ^= mixed;
+      uint4* address = reinterpret_cast<uint4*>(target + (i * kThreads + threadIdx.x) * 16);
+      if constexpr (STORE == kStreaming) {
+        __stcs(address, piece);
+      } else {
+        *address = piece;
+      }
+    }
+    if constexpr (INPUTS) {
+      const long long token = (static_cast<long long>(seq) * T + t) * kHeads + head;
+      if (warp == 0 && lane < kValueWords) in.out[token * 32 + slice * kValueWords + lane] = make_uint2(mixed, t);
+    }
+  }
+}
+
+struct Bench {
+  cudaStream_t stream;
+  cudaEvent_t start, stop;
+  char* flush;  // 64 MB written before each replay: the L2 holds nothing of the step
+  std::vector<char*> pools;
+  std::vector<StepInputs> inputs;
+  int *read_slot, *token_slots, *read_slot_ordered, *token_slots_ordered;
+
+  // µs a launch: a graph of kPools launches, one per pool and its inputs (bench_decode.py's step graph)
+  template <class Launch>
+  double time_step(Launch launch) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    for (int p = 0; p < kPools; ++p) launch(p);
+    CHECK(cudaStreamEndCapture(stream, &graph));
+    CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    std::vector<float> times;
+    for (int r = 0; r < kReps + 3; ++r) {
+      CHECK(cudaMemsetAsync(flush, r, 64 << 20, stream));
+      CHECK(cudaEventRecord(start, stream));
+      CHECK(cudaGraphLaunch(exec, stream));
+      CHECK(cudaEventRecord(stop, stream));
+      CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      if (r >= 3) times.push_back(ms);  // the first replays warm up
+    }
+    CHECK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphDestroy(graph));
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2] * 1e3 / kPools;
+  }
+
+  // bench_decode.py's slots: N * T distinct random slots of max(512, 2 N T); the state is read from the first
+  // token's (verify reads from one of its sequence's T slots, as num_accepted_tokens picks); also in order
+  void set_slots(int N, int T) {
+    const int slots = std::max(512, 2 * N * T);
+    std::vector<int> perm(slots);
+    for (int i = 0; i < slots; ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), std::mt19937(N * 16 + T));
+    std::vector<int> reads(N), tokens(N * T), reads_ordered(N), tokens_ordered(N * T);
+    for (int i = 0; i < N * T; ++i) tokens[i] = perm[i], tokens_ordered[i] = i;
+    for (int i = 0; i < N; ++i) reads[i] = tokens[i * T], reads_ordered[i] = tokens_ordered[i * T];
+    CHECK(cudaMemcpy(read_slot, reads.data(), 4 * N, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(token_slots, tokens.data(), 4 * N * T, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(read_slot_ordered, reads_ordered.data(), 4 * N, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(token_slots_ordered, tokens_ordered.data(), 4 * N * T, cudaMemcpyHostToDevice));
+  }
+
+  template <int ELEM, int CTAS, int T, int STORE, bool INPUTS>
+  double run(int N, bool ordered = false, int dynamic_smem = 0) {
+    auto kernel = move_step<ELEM, CTAS, T, STORE, INPUTS>;
+    if (dynamic_smem > 0) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_smem));
+    const int* reads = ordered ? read_slot_ordered : read_slot;
+    const int* tokens = ordered ? token_slots_ordered : token_slots;
+    return time_step([&](int p) {
+      kernel<<<dim3(CTAS, kHeads, N), kThreads, dynamic_smem, stream>>>(pools[p], reads, tokens, inputs[p]);
+    });
+  }
+};
+
+double copy_bandwidth(Bench& b) {  // bytes read + written a second by a 1 GiB device-to-device copy
+  const size_t bytes = size_t{1} << 30;
+  char *src, *dst;
+  CHECK(cudaMalloc(&src, bytes));
+  CHECK(cudaMalloc(&dst, bytes));
+  std::vector<float> times;
+  for (int i = 0; i < 13; ++i) {
+    CHECK(cudaEventRecord(b.start, b.stream));
+    CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, b.stream));
+    CHECK(cudaEventRecord(b.stop, b.stream));
+    CHECK(cudaEventSynchronize(b.stop));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, b.start, b.stop));
+    if (i >= 3) times.push_back(ms);
+  }
+  CHECK(cudaFree(src));
+  CHECK(cudaFree(dst));
+  std::sort(times.begin(), times.end());
+  return 2.0 * bytes / (times[times.size() / 2] * 1e-3);
+}
+
+template <int ELEM, int T>
+void row(Bench& b, int N, double bandwidth) {
+  b.set_slots(N, T);
+  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
+  const double cells[] = {
+      b.run<ELEM, 2, T, kStreaming, false>(N),
+      b.run<ELEM, 2, T, kStreaming, true>(N),
+      b.run<ELEM, 2, T, kPlain, true>(N),
+      b.run<ELEM, 2, T, kStreaming, true>(N, false, 44 * 1024),  // 5 CTAs an SM, as the streamed decode build
+      b.run<ELEM, 4, T, kStreaming, true>(N),
+      b.run<ELEM, 1, T, kStreaming, true>(N),
+      b.run<ELEM, 2, T, kStreaming, true>(N, true),
+  };
+  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
+  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
+  std::printf("\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Bench b;
+  CHECK(cudaStreamCreate(&b.stream));
+  CHECK(cudaEventCreate(&b.start));
+  CHECK(cudaEventCreate(&b.stop));
+  CHECK(cudaMalloc(&b.flush, 64 << 20));
+  const size_t pool_bytes = size_t{kMaxSlots} * kHeads * kStateElems * 2;  // bf16 at 2048 slots, fp32 at 1024
+  b.pools.resize(kPools);
+  b.inputs.resize(kPools);
+  const size_t input_bytes = size_t{kMaxTokens} * kHeads * 128 * 2;
+  for (int p = 0; p < kPools; ++p) {
+    CHECK(cudaMalloc(&b.pools[p], pool_bytes));
+    CHECK(cudaMemset(b.pools[p], 1, pool_bytes));
+    void* buffers[5];
+    for (void*& buffer : buffers) {
+      CHECK(cudaMalloc(&buffer, input_bytes));
+      CHECK(cudaMemset(buffer, 1, input_bytes));
+    }
+    b.inputs[p] = {static_cast<const uint2*>(buffers[0]), static_cast<const uint2*>(buffers[1]),
+                   static_cast<const uint2*>(buffers[2]), static_cast<const uint2*>(buffers[3]),
+                   static_cast<uint2*>(buffers[4])};
+  }
+  for (int** slots : {&b.read_slot, &b.token_slots, &b.read_slot_ordered, &b.token_slots_ordered}) {
+    CHECK(cudaMalloc(slots, 4 * kMaxTokens));
+  }
+  const double measured = copy_bandwidth(b);
+  const double bandwidth = argc > 1 ? std::atof(argv[1]) * 1e12 : measured;
+  std::printf("copy bandwidth: 1 GiB cudaMemcpyAsync %.3f TB/s; floor from %.3f TB/s\n\n", measured / 1e12,
+              bandwidth / 1e12);
+  std::printf("| case | floor µs | state only | + inputs | + inputs, plain stores | + inputs, 5 CTAs an SM | "
+              "+ inputs, 4 CTAs a head | + inputs, 1 CTA a head | + inputs, slots in order |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  row<2, 1>(b, 32, bandwidth);
+  row<2, 1>(b, 128, bandwidth);
+  row<2, 1>(b, 256, bandwidth);
+  row<2, 1>(b, 1024, bandwidth);
+  row<4, 1>(b, 128, bandwidth);
+  row<2, 4>(b, 64, bandwidth);
+  row<4, 4>(b, 64, bandwidth);
+  row<2, 8>(b, 64, bandwidth);
+  CHECK(cudaGetLastError());
+  return 0;
+}
