@@ -71,6 +71,22 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
     assert blocks == (N + tail) * 32 * several
 
 
+@pytest.mark.parametrize("dtype,pad", [(torch.bfloat16, 0), (torch.bfloat16, 40), (torch.bfloat16, 36),
+                                       (torch.float32, 36)])
+def test_one_token_steps_on_padded_pools_run_the_streamed_build(device, dtype, pad):
+    """Beyond one wave of the one-group build, one-token steps run the streamed build whatever the pool's
+    padding: with a pad of 36 every other bf16 slot starts 8 bytes past a 16-byte boundary, which its 16-byte
+    row copies start from (kda_decode.cuh; benchmarks/NOTES.md, round 31)."""
+    N = 100  # 200 (sequence, head) pairs: 2 CTAs a head for either dtype (the fp32 band, bf16 beyond one wave)
+    args = inputs(T=N, H=H, varlen=list(range(N + 1)))
+    states = pool(slots=2 * N, dtype=dtype, pad=pad)
+    indices = torch.arange(N, dtype=torch.int32) * 2 + 1  # odd slots: 8 bytes past a boundary at a pad of 36
+    flash_kda.fwd(**args | dict(initial_state=states, final_state=states), state_indices=indices, max_seqlen=1)
+    spec, blocks, p = launched(device)
+    assert isinstance(spec, DecodeSpec) and spec.build == "streamed"
+    assert blocks == N * H * 2 and p["ext.pool.initial_slot_stride"] == H * VK + pad
+
+
 @pytest.mark.parametrize("N,max_grid_yz,grid", [(3, 65535, (8, 32, 3)), (1024, 65535, (2 * 32, 1, 1024 + 5)),
                                                  (3, 2, (3 * 32 * 8, 1, 1)), (1, 32, (8, 32, 1)),
                                                  (1, 31, (32 * 8, 1, 1))])

@@ -1,7 +1,7 @@
 """Calls for compute-sanitizer (memcheck): every kernel family and width on hostile but unchecked inputs.
 
 Varlen with an empty and a length-1 sequence; the general gates (every chunk form); pools addressed by negative, past-the-end and huge
-slots; 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
+slots (one-token steps on bf16 pools too, their slots 16-byte aligned or not); 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
 past the sequence, not multiples of 16, or huge; strided inputs. Calls that run the token-by-token
 kernel run through each of its launch shapes (8 CTAs a head, and the streamed or token-outer build at
 4 and 2, each with its last sequences at twice that; and the flattened grid). None
@@ -68,6 +68,15 @@ def hostile_pool(max_seqlen=8):
 
 hostile_pool(None)
 decode_shapes(hostile_pool)
+
+# one-token steps (a hint of 1, longer sequences among them) on bf16 pools with hostile slots: slots 16-byte
+# aligned, and every other one 8 bytes past (the streamed build's 16-byte row copies start from the boundary)
+for pad in (40, 36):
+    bf16_pool = torch.randn(6, H * 128 * 128 + pad, device="cuda").bfloat16()[:, :H * 128 * 128].view(6, H, 128, 128)
+    def hostile_one_token(bf16_pool=bf16_pool):
+        flash_kda.fwd(*args(inp), torch.empty_like(inp["v"]), *gates, initial_state=bf16_pool, final_state=bf16_pool,
+                      cu_seqlens=cu, state_indices=hostile, max_seqlen=1)
+    decode_shapes(hostile_one_token)
 
 # per-token states: negative, past-the-end slots; num_accepted_tokens 0 and past T_max
 verify = make_inputs(1, 12, H, seed=6)

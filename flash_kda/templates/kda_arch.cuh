@@ -274,6 +274,18 @@ __device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src)
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
 }
 
+// Copies that `pred` turns off (nothing is read or written), each one predicated instruction: no branch
+// around them, whatever `pred` depends on. The 16-byte one bypasses L1, as cp_async_16.
+__device__ __forceinline__ void cp_async_8_if(void* smem_dst, const void* gmem_src, bool pred) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.ca.shared.global [%0], [%1], 8;\n}\n"
+               :: "r"(smem_addr(smem_dst)), "l"(gmem_src), "r"(static_cast<int>(pred)) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_16_if(void* smem_dst, const void* gmem_src, bool pred) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n}\n"
+               :: "r"(smem_addr(smem_dst)), "l"(gmem_src), "r"(static_cast<int>(pred)) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_wait_all() {  // this thread's copies have landed
   asm volatile("cp.async.wait_all;" ::: "memory");
 }

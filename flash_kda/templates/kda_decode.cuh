@@ -271,12 +271,19 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   // build each group's state waits there in fp32 between tokens while the warp applies the token to its
   // other groups, so that a token's preparation (norms, gate, sigmoid) is done once per warp for all of
   // them; the streamed build (one token) keeps rows as stored, half the bytes for bf16 states. Each lane
-  // copies, reads and writes only its own bytes of each row: no warp synchronisation is needed.
+  // reads and writes only its own bytes of each row, except in the streamed build's bf16 copies: a group
+  // (its 4 rows, 1 KB contiguous in the state and in the ring) goes as two 16-byte pieces a lane when the
+  // state is 16-byte aligned, so that lanes read bytes other lanes copied (rows_landed syncs the warp), and
+  // as each lane's own 8 bytes of each row when it is not (a pool's slot stride need only be a multiple of
+  // 4 elements); both forms are predicated copies, no branch (benchmarks/NOTES.md, rounds 31 and 31d).
   constexpr int kInBytes = STATE_IN == kStateFP32 ? 4 : 2;
   constexpr int kRingBytes = BUILD == kTokenOuter ? 4 : kInBytes;  // bytes per key channel in the ring
-  __shared__ alignas(16) unsigned char ring[kGrouped ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kHeadK * kRingBytes];
-  unsigned char* const ring_lane = ring[warp * Cfg::kMaxGroups * R] + c0 * kRingBytes;  // this lane's bytes of its warp's first row
-  auto ring_row = [&](int group, int r) -> unsigned char* { return ring_lane + (group * R + r) * kHeadK * kRingBytes; };
+  constexpr bool kGroupCopies = BUILD == kStreamed && STATE_IN == kStateBF16;
+  constexpr int kRowBytes = kHeadK * kRingBytes;
+  __shared__ alignas(16) unsigned char ring[kGrouped ? Cfg::kWarps * Cfg::kMaxGroups * R : 1][kRowBytes];
+  unsigned char* const ring_warp = ring[warp * Cfg::kMaxGroups * R];  // 16-byte aligned
+  unsigned char* const ring_lane = ring_warp + c0 * kRingBytes;      // this lane's bytes of its warp's first row
+  auto ring_row = [&](int group, int r) -> unsigned char* { return ring_lane + (group * R + r) * kRowBytes; };
   // this lane's bytes of the warp's first row, or null when the state starts from zeros
   const unsigned char* state_source =
       plan.read_offset >= 0
@@ -287,7 +294,21 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
   auto stage_initial_rows = [&]() {
 #pragma unroll
     for (int group = 0; group < Cfg::kMaxGroups; ++group) {
-      if (state_source != nullptr && group < groups) {
+      const bool copy = state_source != nullptr && group < groups;
+      if constexpr (kGroupCopies) {
+        // the state's rows start 16-byte aligned or 8 bytes past (read_offset is a multiple of 4 elements)
+        const bool aligned = (plan.read_offset & 7) == 0;
+        constexpr int kHalf = R * kRowBytes / 2;
+        unsigned char* const group_start = ring_warp + group * R * kRowBytes;
+        const auto* src = reinterpret_cast<const unsigned char*>(  // not read unless copy
+            reinterpret_cast<uintptr_t>(state_source) - c0 * kInBytes + group * R * kRowBytes);
+        cp_async_16_if(group_start + lane * 16, src + lane * 16, copy && aligned);
+        cp_async_16_if(group_start + kHalf + lane * 16, src + kHalf + lane * 16, copy && aligned);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          cp_async_8_if(ring_row(group, r), src + r * kRowBytes + c0 * kInBytes, copy && !aligned);
+        }
+      } else if (copy) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const unsigned char* src = state_source + (group * R + r) * kHeadK * kInBytes;
@@ -300,6 +321,11 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
       }
       cp_async_commit();
     }
+  };
+  // a group's initial rows have landed, for every lane of the warp
+  auto rows_landed = [&](int group) {
+    cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);
+    if constexpr (kGroupCopies) __syncwarp();
   };
   // a group's state before token t: the initial rows as staged (t = 0), else the fp32 rows kept (token-outer)
   auto ring_read = [&](int group, int t, float (&rows)[R][4]) {
@@ -414,7 +440,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
     for (int group = 0; group < groups; ++group) {
       const int rows0 = row0 + group * R;
       if (group > 0 && seq_len > 0) values = load_v(0, group);
-      cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+      rows_landed(group);
       ring_read(group, 0, S);
       if (seq_len > 0) finish_token(prep, values, rows0, token_output(0), token_state(0));
 #pragma unroll 1
@@ -469,7 +495,7 @@ __device__ __forceinline__ void kda_decode(const KdaParams& p) {
           const int group = t & 1 ? groups - 1 - i : i;
           const int rows0 = row0 + group * R;
           if (t == 0) {
-            cp_async_wait_groups(Cfg::kMaxGroups - 1 - group);  // this group's initial rows
+            rows_landed(group);
             ring_read(group, 0, S);
           } else if (i > 0 || t == round_start) {
             ring_read(group, 1, S);  // the fp32 rows the ring kept (else the last token's, in registers)
