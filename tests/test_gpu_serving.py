@@ -55,8 +55,8 @@ def token_rows(cu, seqs, T=None, B=None):
 # ------------------------------------------------------------------ pools (1-D state_indices)
 
 # the input pool's pad: 36 makes every other bf16 slot start 8 bytes past a 16-byte boundary (the streamed
-# build's 16-byte row copies then start from the boundary before it: kda_decode.cuh); 40 keeps padded bf16
-# slots 16-byte aligned
+# build copies those rows 8 bytes a lane, kda_decode.cuh); 40 keeps padded bf16 slots 16-byte aligned (its
+# 16-byte copies)
 POOL_CASES = [(*case, pad) for case in itertools.product(
     ("bf16", "fp32"), ("bf16", "fp32"), (True, False),  # state dtypes in/out, in place (one dtype then)
     ([37, 0, 16, 1, 146], [3, 1, 7, 2], [1, 1, 1, 1]),  # chunked kernel / decode kernel: verify's builds, one-token

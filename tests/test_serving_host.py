@@ -75,8 +75,8 @@ def test_decode_shares_a_warps_token_work_across_rows_beyond_one_wave(device, dt
                                        (torch.float32, 36)])
 def test_one_token_steps_on_padded_pools_run_the_streamed_build(device, dtype, pad):
     """Beyond one wave of the one-group build, one-token steps run the streamed build whatever the pool's
-    padding: with a pad of 36 every other bf16 slot starts 8 bytes past a 16-byte boundary, which its 16-byte
-    row copies start from (kda_decode.cuh; benchmarks/NOTES.md, round 31)."""
+    padding: with a pad of 36 every other bf16 slot starts 8 bytes past a 16-byte boundary, and the build
+    copies those rows 8 bytes a lane instead of 16 (kda_decode.cuh; benchmarks/NOTES.md, round 31d)."""
     N = 100  # 200 (sequence, head) pairs: 2 CTAs a head for either dtype (the fp32 band, bf16 beyond one wave)
     args = inputs(T=N, H=H, varlen=list(range(N + 1)))
     states = pool(slots=2 * N, dtype=dtype, pad=pad)

@@ -70,7 +70,7 @@ hostile_pool(None)
 decode_shapes(hostile_pool)
 
 # one-token steps (a hint of 1, longer sequences among them) on bf16 pools with hostile slots: slots 16-byte
-# aligned, and every other one 8 bytes past (the streamed build's 16-byte row copies start from the boundary)
+# aligned (the streamed build's 16-byte row copies), and every other one 8 bytes past (its 8-byte copies)
 for pad in (40, 36):
     bf16_pool = torch.randn(6, H * 128 * 128 + pad, device="cuda").bfloat16()[:, :H * 128 * 128].view(6, H, 128, 128)
     def hostile_one_token(bf16_pool=bf16_pool):
