@@ -343,6 +343,53 @@ def test_clear_cache_during_precompile_does_not_break_it(tmp_path):
     assert "Traceback" not in err and cleared >= 1
 
 
+class _LockMeetingAClear:
+    """filelock's FileLock whose first acquisition meets a concurrent clear-cache the way CI once saw it:
+    pathlib's mkdir(exist_ok=True) (filelock makes the lock's directory) finds the entry's directory, which is
+    removed before it checks it, and raises FileExistsError for a directory that is gone. ``blocker`` instead
+    names a regular file in the error, as if something other than a directory held the name."""
+    calls = 0
+    blocker: Path | None = None
+
+    def __init__(self, lock_file: str):
+        self.lock_file, self.lock = lock_file, FileLock(lock_file)
+
+    def __enter__(self):
+        type(self).calls += 1
+        if type(self).calls == 1:
+            directory = os.path.dirname(self.lock_file)
+            if self.blocker is not None:
+                directory = str(self.blocker)
+            else:
+                shutil.rmtree(directory)
+            raise FileExistsError(17, "File exists", directory)
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self.lock.__exit__(*exc_info)
+
+
+def test_an_entry_directory_removed_under_the_lock_is_made_again(tmp_path, monkeypatch):
+    """The race behind CI's one red run (fifteenth session): a clear-cache between filelock's mkdir and its
+    check. The build tries again, publishes, and says nothing."""
+    monkeypatch.setattr(_LockMeetingAClear, "calls", 0)
+    monkeypatch.setattr(cache_mod, "FileLock", _LockMeetingAClear)
+    cache = KernelCache(tmp_path)
+    cubin, path, built = build(SPEC, cache=cache, compiler=FakeCompiler(b" raced"))
+    assert built and path.is_file() and _LockMeetingAClear.calls == 2
+    assert cache.lookup(SPEC, path.stem) is not None
+
+
+def test_a_name_held_by_a_file_under_the_lock_is_an_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(_LockMeetingAClear, "calls", 0)
+    monkeypatch.setattr(_LockMeetingAClear, "blocker", blocker)
+    monkeypatch.setattr(cache_mod, "FileLock", _LockMeetingAClear)
+    with pytest.raises(CacheWriteError, match="blocker: it exists and is not a directory"):
+        build(SPEC, cache=KernelCache(tmp_path / "cache"), compiler=FakeCompiler(b" blocked"))
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):

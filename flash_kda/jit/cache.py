@@ -354,6 +354,14 @@ class KernelCache:
                     return data, path, True
             except FileNotFoundError:
                 continue
+            except FileExistsError as exc:
+                # mkdir(exist_ok=True) (filelock's, for the lock's directory) raises this when the directory it
+                # found is removed before it checks it: a concurrent clear-cache, so try again; but not for a
+                # name that something other than a directory holds
+                if not (exc.filename and os.path.lexists(exc.filename) and not os.path.isdir(exc.filename)):
+                    continue
+                raise CacheWriteError(f"flash_kda: cannot write {exc.filename}: it exists and is not a directory"
+                                      ) from exc
             except CacheWriteError:
                 raise
             except OSError as exc:
