@@ -1,7 +1,8 @@
 """Calls for compute-sanitizer (memcheck): every kernel family and width on hostile but unchecked inputs.
 
-Varlen with an empty and a length-1 sequence; the general gates (every chunk form); pools addressed by negative, past-the-end and huge
-slots (one-token steps on bf16 pools too, their slots 16-byte aligned or not); 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
+Varlen with an empty and a length-1 sequence; the general gates (every chunk form); pools addressed by
+negative, past-the-end and huge slots (one-token steps on bf16 pools too, their slots 16-byte aligned or
+not); 2-D slots with num_accepted_tokens of 0 and past T_max; checkpoint offsets that are negative,
 past the sequence, not multiples of 16, or huge; strided inputs. Calls that run the token-by-token
 kernel run through each of its launch shapes (8 CTAs a head, and the streamed or token-outer build at
 4 and 2, each with its last sequences at twice that; and the flattened grid). None

@@ -265,6 +265,7 @@ __device__ __forceinline__ uint32_t ld_global_u8_if(const void* ptr, bool pred) 
 
 // ---------------------------------------------------------------- asynchronous global -> shared copies (sm_80+)
 
+// With `pred` false this one still writes: 16 zero bytes (cp_async_16_if below writes nothing).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred) {
   cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(gmem_src),
                                                          *reinterpret_cast<uint128_t*>(smem_dst), pred);
