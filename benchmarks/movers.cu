@@ -2,10 +2,12 @@
 // speculative verify's bytes, in the pattern bench_decode.py's rows use (benchmarks/NOTES.md, "What the bf16 rows'
 // bytes cost with the step's inputs"). Each (sequence, head) state of a pool (V = K = 128) is read from one random
 // slot and written to T random slots (T = 1: back in place, a decode step; T > 1: verify's per-token states), CTAS
-// CTAs of 128 threads a (sequence, head), 16-byte loads and stores; optionally with the step's inputs (q, k, g and
-// v read, out written, [N, T, H, 128] bf16, as the decode kernel reads them: each CTA its head's q, k, g and its
+// CTAs of 128 threads (or 256) a (sequence, head), 16-byte loads and stores; optionally with the step's inputs (q, k,
+// g and v read, out written, [N, T, H, 128] bf16, as the decode kernel reads them: each CTA its head's q, k, g and its
 // rows' values). Timed as bench_decode.py's step graph: 8 launches on 8 pools in a CUDA graph, the L2 flushed
-// before each replay, the median of 30 replays, µs a launch.
+// before each replay, the median of 30 replays, µs a launch. Two tables: the store kinds, CTAs a head and slot
+// orders; then, with the step's inputs and our kernels' store kinds, the CTAs an SM held down with dynamic shared
+// memory to what our kernels' registers and shared memory allow (benchmarks/NOTES.md, round 32).
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/movers benchmarks/movers.cu && /tmp/movers [copy bandwidth in TB/s]
 //
@@ -22,7 +24,7 @@
 
 namespace {
 
-constexpr int kHeads = 32, kStateElems = 128 * 128, kThreads = 128, kPools = 8, kReps = 30;
+constexpr int kHeads = 32, kStateElems = 128 * 128, kPools = 8, kReps = 30;
 constexpr int kMaxSlots = 2048, kMaxTokens = 1024;  // pool slots, and N * T of the largest row
 
 #define CHECK(x)                                                              \
@@ -41,12 +43,12 @@ struct StepInputs {  // [N, T, H, 128] bf16, read and written as 8-byte words (4
 
 enum Store { kStreaming = 0, kPlain = 1 };
 
-// ELEM: bytes a state element (2 bf16, 4 fp32); CTAS: CTAs a (sequence, head); T: tokens.
-template <int ELEM, int CTAS, int T, int STORE, bool INPUTS>
-__global__ void __launch_bounds__(kThreads) move_step(char* pool, const int* read_slot, const int* token_slots,
-                                                      StepInputs in) {
+// ELEM: bytes a state element (2 bf16, 4 fp32); CTAS: CTAs a (sequence, head); T: tokens; THREADS a CTA.
+template <int ELEM, int CTAS, int T, int STORE, bool INPUTS, int THREADS>
+__global__ void __launch_bounds__(THREADS) move_step(char* pool, const int* read_slot, const int* token_slots,
+                                                     StepInputs in) {
   constexpr int kHeadBytes = kStateElems * ELEM, kSliceBytes = kHeadBytes / CTAS;
-  constexpr int kChunks = kSliceBytes / 16 / kThreads;  // 16-byte pieces a thread
+  constexpr int kThreads = THREADS, kChunks = kSliceBytes / 16 / kThreads;  // 16-byte pieces a thread
   constexpr int kValueWords = 32 / CTAS;                // the slice's values: 8-byte words of a token's v
   const int seq = blockIdx.z, head = blockIdx.y, slice = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -134,17 +136,21 @@ struct Bench {
     CHECK(cudaMemcpy(token_slots_ordered, tokens_ordered.data(), 4 * N * T, cudaMemcpyHostToDevice));
   }
 
-  template <int ELEM, int CTAS, int T, int STORE, bool INPUTS>
+  template <int ELEM, int CTAS, int T, int STORE, bool INPUTS, int THREADS = 128>
   double run(int N, bool ordered = false, int dynamic_smem = 0) {
-    auto kernel = move_step<ELEM, CTAS, T, STORE, INPUTS>;
+    auto kernel = move_step<ELEM, CTAS, T, STORE, INPUTS, THREADS>;
     if (dynamic_smem > 0) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_smem));
     const int* reads = ordered ? read_slot_ordered : read_slot;
     const int* tokens = ordered ? token_slots_ordered : token_slots;
     return time_step([&](int p) {
-      kernel<<<dim3(CTAS, kHeads, N), kThreads, dynamic_smem, stream>>>(pools[p], reads, tokens, inputs[p]);
+      kernel<<<dim3(CTAS, kHeads, N), THREADS, dynamic_smem, stream>>>(pools[p], reads, tokens, inputs[p]);
     });
   }
 };
+
+// Dynamic shared memory a CTA that leaves room for at most `ctas` CTAs an SM (the H100's 228 KB an SM, 1 KB of it
+// reserved a CTA), as long as registers allow that many.
+int smem_for(int ctas) { return 233472 / ctas - 1024 - 256; }
 
 double copy_bandwidth(Bench& b) {  // bytes read + written a second by a 1 GiB device-to-device copy
   const size_t bytes = size_t{1} << 30;
@@ -175,10 +181,34 @@ void row(Bench& b, int N, double bandwidth) {
       b.run<ELEM, 2, T, kStreaming, false>(N),
       b.run<ELEM, 2, T, kStreaming, true>(N),
       b.run<ELEM, 2, T, kPlain, true>(N),
-      b.run<ELEM, 2, T, kStreaming, true>(N, false, 44 * 1024),  // 5 CTAs an SM, as the streamed decode build
+      b.run<ELEM, 2, T, kStreaming, true>(N, false, smem_for(5)),  // 5 CTAs an SM, as the streamed decode build
       b.run<ELEM, 4, T, kStreaming, true>(N),
       b.run<ELEM, 1, T, kStreaming, true>(N),
       b.run<ELEM, 2, T, kStreaming, true>(N, true),
+  };
+  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
+  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
+  std::printf("\n");
+}
+
+// The second table: stores as our kernels store (final states plain, verify's per-token states streaming), with the
+// step's inputs (bf16 states). At their registers (sm_90a) these movers run 10 CTAs an SM at 2 CTAs a head, 6 at 1 a
+// head (5 for verify), 5 at 1 a head of 256 threads; the held columns give the residency of our builds: the streamed
+// build 5 CTAs an SM, the token-outer build 6 (3 heads an SM), a verify at 1 CTA a head of 256 threads holding its
+// rows in a 64 KB fp32 ring 3.
+template <int ELEM, int T>
+void occupancy_row(Bench& b, int N, double bandwidth) {
+  b.set_slots(N, T);
+  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
+  constexpr int kStore = T == 1 ? kPlain : kStreaming;
+  const double cells[] = {
+      b.run<ELEM, 2, T, kStore, true>(N),
+      b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(5)),
+      b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(6)),
+      b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(8)),
+      b.run<ELEM, 1, T, kStore, true>(N),
+      b.run<ELEM, 1, T, kStore, true, 256>(N),
+      b.run<ELEM, 1, T, kStore, true, 256>(N, false, smem_for(3)),
   };
   std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
   for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
@@ -227,6 +257,12 @@ int main(int argc, char** argv) {
   row<2, 4>(b, 64, bandwidth);
   row<4, 4>(b, 64, bandwidth);
   row<2, 8>(b, 64, bandwidth);
+  std::printf("\n| case | floor µs | 2 a head | 2 a head, 5 an SM | 2 a head, 6 an SM | 2 a head, 8 an SM | 1 a head | "
+              "1 a head, 256 threads | 1 a head, 256 threads, 3 an SM |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  occupancy_row<2, 1>(b, 128, bandwidth);
+  occupancy_row<2, 1>(b, 256, bandwidth);
+  occupancy_row<2, 4>(b, 64, bandwidth);
   CHECK(cudaGetLastError());
   return 0;
 }
