@@ -23,7 +23,6 @@ the streamed build, at H = 16, 32 and 64, per layer of a step graph (the band wh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import os
 
@@ -210,19 +209,6 @@ def softplus_rows(bandwidth: float) -> None:
               f"{'pass' if softplus / bounded <= TARGET_SOFTPLUS else 'fail'} |")
 
 
-@contextlib.contextmanager
-def ctas_per_head(ctas: int):
-    """Run the token-by-token kernel at ``ctas`` CTAs per (sequence, head), whatever the host's rule
-    (flash_kda.api._decode_ctas_per_head) would pick; the rule is restored on exit."""
-    from flash_kda import api
-    rule = api._decode_ctas_per_head
-    api._decode_ctas_per_head = lambda *args: ctas
-    try:
-        yield
-    finally:
-        api._decode_ctas_per_head = rule
-
-
 def sweep(bandwidth: float) -> None:
     """One-token steps and verify with 2, 4 and 8 CTAs per head, against the rule's pick."""
     from flash_kda import api
@@ -237,7 +223,7 @@ def sweep(bandwidth: float) -> None:
             picked = api._decode_ctas_per_head(label, label, N * H, api._decode_one_wave_units(0), step == "decode")
             times, floor = [], 0.0
             for ctas in choices:
-                with ctas_per_head(ctas):
+                with api._forced_decode_launch(ctas):
                     if step == "decode":
                         ours, _, floor = decode_case(N, dtype, None, bandwidth)
                     else:
@@ -263,7 +249,7 @@ def band(bandwidth: float, layers: int) -> None:
             picked = api._decode_ctas_per_head("fp32", "fp32", N * heads, api._decode_one_wave_units(0), True)
             cells = []
             for ctas in choices:
-                with ctas_per_head(ctas):
+                with api._forced_decode_launch(ctas):
                     ours = decode_case(N, torch.float32, None, bandwidth, layers=layers, heads=heads)[0]
                 cells.append(f"{ours * 1e3:.1f}{'*' if ctas == picked else ''}")
                 torch.cuda.empty_cache()

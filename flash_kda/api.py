@@ -8,6 +8,7 @@ stays; docs/serving.md describes them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -101,6 +102,27 @@ def _decode_halved_tail(num_seqs: int, num_heads: int, ctas_per_head: int, resid
     if 2 * num_seqs * num_heads * ctas_per_head < 3 * resident_ctas:
         return 0
     return min(num_seqs, MAX_GRID_YZ - num_seqs, max(1, round(resident_ctas / (2 * ctas_per_head * num_heads))))
+
+
+@contextlib.contextmanager
+def _forced_decode_launch(ctas_per_head: int, halved_tail: bool | None = None, max_grid_yz: int | None = None):
+    """Every token-by-token launch inside runs at ``ctas_per_head`` CTAs per (sequence, head), whatever
+    ``_decode_ctas_per_head`` would pick; with ``halved_tail`` set, the last half of its sequences (True) or
+    none (False) at twice that, whatever ``_decode_halved_tail`` would pick; with ``max_grid_yz``, a smaller
+    grid limit (1: the flattened grid). Not thread-safe: it replaces this module's rules and restores them
+    on exit. For the GPU tests (conftest.py ``decode_ctas``), tools/sanitize_case.py and
+    benchmarks/bench_decode.py, which run each launch shape on purpose."""
+    global _decode_ctas_per_head, _decode_halved_tail, MAX_GRID_YZ
+    saved = _decode_ctas_per_head, _decode_halved_tail, MAX_GRID_YZ
+    _decode_ctas_per_head = lambda *args: ctas_per_head  # noqa: E731
+    if halved_tail is not None:
+        _decode_halved_tail = lambda num_seqs, *args: num_seqs // 2 if halved_tail else 0  # noqa: E731
+    if max_grid_yz is not None:
+        MAX_GRID_YZ = max_grid_yz
+    try:
+        yield
+    finally:
+        _decode_ctas_per_head, _decode_halved_tail, MAX_GRID_YZ = saved
 
 
 def choose_v_block(units: int, device_index: int) -> int:

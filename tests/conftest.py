@@ -56,7 +56,7 @@ def baked_cache(tmp_path_factory) -> Path:
 @pytest.fixture(params=[(8, False), (4, False), (2, False), (4, True), (2, True)],
                 ids=["8 CTAs a head", "4 CTAs a head", "2 CTAs a head", "4 CTAs a head, the last half 8",
                      "2 CTAs a head, the last half 4"])
-def decode_ctas(request, monkeypatch) -> int:
+def decode_ctas(request):
     """Runs a test's token-by-token launches with each choice of CTAs per (sequence, head): the
     one-group build (8), and the streamed (one-token steps) or token-outer (multi-token steps) build
     with 4 or 2 row groups per warp, whatever api._decode_ctas_per_head would pick for the test's
@@ -65,6 +65,5 @@ def decode_ctas(request, monkeypatch) -> int:
     launches of 1.5 waves or more end: 2 row groups a warp, or one."""
     from flash_kda import api
     ctas, halved = request.param
-    monkeypatch.setattr(api, "_decode_ctas_per_head", lambda *args: ctas)
-    monkeypatch.setattr(api, "_decode_halved_tail", lambda num_seqs, *args: num_seqs // 2 if halved else 0)
-    return ctas
+    with api._forced_decode_launch(ctas, halved_tail=halved):
+        yield ctas

@@ -115,6 +115,26 @@ def test_a_decode_launch_of_several_waves_ends_on_halved_ctas(N, H, ctas_per_hea
     assert api._decode_halved_tail(N, H, ctas_per_head, resident) == tail
 
 
+def test_a_forced_decode_launch_overrides_the_rules_and_restores_them(device):
+    """api._forced_decode_launch (the GPU tests' decode_ctas, the sanitizer case, bench_decode.py): the launch
+    shape it asks for inside, the host's rules again after it, also when the body raises."""
+    args = inputs(T=4, H=H, varlen=[0, 1, 2, 3, 4])  # 4 sequences of one token: the rule picks 8 CTAs a head
+    states = torch.zeros(4, H, 128, 128, dtype=torch.bfloat16)
+    step = lambda: flash_kda.fwd(**args | dict(initial_state=states, final_state=states), max_seqlen=1)  # noqa: E731
+    rules = api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ
+    with api._forced_decode_launch(2, halved_tail=True):
+        step()
+    assert launched(device)[0].build == "streamed" and device[2][-1] == (2 * H, 1, 4 + 2)  # the last 2 at 4 a head
+    with api._forced_decode_launch(4, max_grid_yz=1):
+        step()
+    assert launched(device)[0].build == "streamed" and device[2][-1] == (4 * H * 4, 1, 1)  # flattened
+    with pytest.raises(RuntimeError), api._forced_decode_launch(2, halved_tail=False):
+        raise RuntimeError
+    assert (api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ) == rules
+    step()
+    assert launched(device)[0].build == "one_group" and device[2][-1] == (8, H, 4)
+
+
 def test_pools_of_different_sizes_and_dtypes_address_the_common_slots(device):
     args = inputs(B=2, T=40, H=H)
     flash_kda.fwd(**args | dict(initial_state=pool(5, torch.bfloat16), final_state=pool(9)),

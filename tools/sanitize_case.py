@@ -14,21 +14,16 @@ import flash_kda
 from flash_kda import api
 from kda_inputs import make_inputs
 
-_rule, _tail, _grid_limit = api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ
-
 
 def decode_shapes(call) -> None:
     """call() once per launch shape of the token-by-token kernel, whatever the host's rule would pick: 8, 4
     and 2 CTAs a head on the (CTAs a head, H, N) grid, 4 and 2 with the last half of the sequences at twice
     that on the (CTAs a head * H, 1, N + tail) grid (api._decode_halved_tail), and 2 on the flattened grid
     (N or H too large)."""
-    for ctas, halved, max_grid_yz in ((8, False, _grid_limit), (4, False, _grid_limit), (2, False, _grid_limit),
-                                      (4, True, _grid_limit), (2, True, _grid_limit), (2, False, 1)):
-        api._decode_ctas_per_head = lambda *args, ctas=ctas: ctas
-        api._decode_halved_tail = lambda num_seqs, *args, halved=halved: num_seqs // 2 if halved else 0
-        api.MAX_GRID_YZ = max_grid_yz
-        call()
-    api._decode_ctas_per_head, api._decode_halved_tail, api.MAX_GRID_YZ = _rule, _tail, _grid_limit
+    for ctas, halved, max_grid_yz in ((8, False, None), (4, False, None), (2, False, None), (4, True, None),
+                                      (2, True, None), (2, False, 1)):
+        with api._forced_decode_launch(ctas, halved, max_grid_yz):
+            call()
 
 
 H = 3
