@@ -10,7 +10,9 @@ host's CPU with the CPU machine (benchmarks/host_cost_cpu.py).
 Timing: batches of ``BATCH`` calls, synchronised between batches and timed without the sync,
 so that the launch queue never fills (a full queue would time the GPU, not the host);
 the median and the best batch are reported (the GPU host's timings are noisy: compare the
-best column between runs, or alternate the versions you compare in one session).
+best column between runs, or alternate the versions you compare in one session; on the device
+machines one process can run 1.5x slower than the next for the same code, so run it a few
+times: BENCHMARK_H100.md, sixteenth session, call 7).
 Usage: python benchmarks/host_cost.py
 """
 from __future__ import annotations
