@@ -96,6 +96,29 @@ def test_key_covers_template_bytes_spec_and_compiler(monkeypatch):
         cache_mod._environment_fingerprint.cache_clear()
 
 
+def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
+    """An engine that vendors the package under another name (vLLM keeps FLA's kernels in its own tree) hashes
+    and compiles that copy's templates, not those of the flash_kda installed beside it (another version's
+    parameter layout would be read wrong)."""
+    import shutil
+    vendored = tmp_path / "engine" / "third_party" / "kda"
+    shutil.copytree(Path(cache_mod.__file__).parents[1], vendored, ignore=shutil.ignore_patterns("__pycache__"))
+    for package in (vendored.parent, vendored.parent.parent):
+        (package / "__init__.py").write_text("")
+    marker = "// the vendored copy\n"
+    decode = vendored / "templates" / "kda_decode.cuh"
+    decode.write_text(marker + decode.read_text())
+    probe = ("import importlib.util, sys\n"
+             "from engine.third_party.kda.jit import spec\n"
+             "assert importlib.util.find_spec('flash_kda') is not None  # the installed one is there too\n"
+             "print(spec.template_sources()['kda_decode.cuh'].startswith(sys.argv[1]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", probe, marker], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
 def test_disable_jit_turns_a_miss_into_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASH_KDA_DISABLE_JIT", "1")
     with pytest.raises(CacheMissError, match=r"kda_fwd_bounded.*python -m flash_kda precompile --arch sm_90a"):
