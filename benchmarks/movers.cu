@@ -86,6 +86,121 @@ __global__ void __launch_bounds__(THREADS) move_step(char* pool, const int* read
   }
 }
 
+// The same bytes moved by a persistent grid: gridDim.x CTAs walk the (sequence, head, slice) units in order, unit
+// blockIdx.x + i * gridDim.x (or, with a counter `claimed`, the next unit no CTA has claimed). With PREFETCH a CTA loads the next unit's rows (cp.async into shared memory, as a
+// kernel whose registers hold the current unit's fp32 rows would) and inputs before the current unit's
+// stores (loads in flight while they drain: one round trip a CTA, not one a unit); without it, after them. Launch
+// bounds for 6 CTAs of 128 threads an SM (3 of 256), the residency of the token-outer verify.
+template <int ELEM, int CTAS, int T, int STORE, int THREADS, bool PREFETCH>
+__global__ void __launch_bounds__(THREADS, 768 / THREADS) move_step_persistent(char* pool, const int* read_slot,
+                                                                const int* token_slots, StepInputs in, int units,
+                                                                int* claimed) {
+  constexpr int kHeadBytes = kStateElems * ELEM, kSliceBytes = kHeadBytes / CTAS;
+  constexpr int kThreads = THREADS, kChunks = kSliceBytes / 16 / kThreads;
+  constexpr int kValueWords = 32 / CTAS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  struct Unit {
+    int seq, head, slice;
+  };
+  auto unit_of = [](int unit) { return Unit{unit / (kHeads * CTAS), unit / CTAS % kHeads, unit % CTAS}; };
+  auto slice_offset = [](const Unit& u) { return static_cast<long long>(u.head) * kHeadBytes + u.slice * kSliceBytes; };
+  auto load_rows = [&](const Unit& u, uint4 (&rows)[kChunks]) {
+    const char* source = pool + static_cast<long long>(read_slot[u.seq]) * kHeads * kHeadBytes + slice_offset(u);
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) rows[i] = *reinterpret_cast<const uint4*>(source + (i * kThreads + threadIdx.x) * 16);
+  };
+  auto load_inputs = [&](const Unit& u, uint32_t (&words)[4]) {  // this warp's token of the unit, if it has one
+    words[0] = words[1] = words[2] = words[3] = 0;
+    if (warp < T) {
+      const long long token = (static_cast<long long>(u.seq) * T + warp) * kHeads + u.head;
+      words[0] = in.q[token * 32 + lane].x, words[1] = in.k[token * 32 + lane].y, words[2] = in.g[token * 32 + lane].x;
+      if (lane < kValueWords) words[3] = in.v[token * 32 + u.slice * kValueWords + lane].y;
+    }
+  };
+  // the next unit's rows land in this CTA's (dynamic) shared memory, each thread's own pieces: no barrier
+  extern __shared__ uint4 next_rows[];
+  auto prefetch_rows = [&](const Unit& u) {
+    const char* source = pool + static_cast<long long>(read_slot[u.seq]) * kHeads * kHeadBytes + slice_offset(u);
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const uint32_t target = static_cast<uint32_t>(__cvta_generic_to_shared(&next_rows[i * kThreads + threadIdx.x]));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target),
+                   "l"(source + (i * kThreads + threadIdx.x) * 16));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  // the dynamic movers' last CTA to finish zeroes the counters for the next launch (no memset node in the graph)
+  struct ResetCounters {
+    int* claimed;
+    __device__ ~ResetCounters() {
+      if (claimed == nullptr || threadIdx.x != 0) return;
+      __threadfence();  // this CTA's claims before its count
+      if (atomicAdd(claimed + 1, 1) == static_cast<int>(gridDim.x) - 1) claimed[0] = claimed[1] = 0;
+    }
+  } reset{claimed};
+  int unit = blockIdx.x;
+  if (unit >= units) return;
+  uint4 rows[kChunks];
+  uint32_t words[4], next_words[4];
+  Unit current = unit_of(unit);
+  load_rows(current, rows);
+  load_inputs(current, words);
+  __shared__ int claimed_unit;
+#pragma unroll 1
+  for (int following; unit < units; unit = following) {
+    if (claimed != nullptr) {  // dynamic: the next unit is the next one no CTA has claimed
+      if (threadIdx.x == 0) claimed_unit = gridDim.x + atomicAdd(claimed, 1);
+      __syncthreads();
+      following = claimed_unit;
+      __syncthreads();
+    } else {
+      following = unit + gridDim.x;
+    }
+    const Unit next = unit_of(following < units ? following : unit);
+    if constexpr (PREFETCH) {
+      if (following < units) {
+        prefetch_rows(next);
+        load_inputs(next, next_words);
+      }
+    }
+    const uint32_t mixed = words[0] ^ words[1] ^ words[2] ^ words[3];  // every input byte feeds the stores
+#pragma unroll 1
+    for (int t = 0; t < T; ++t) {
+      const long long token = (static_cast<long long>(current.seq) * T + t) * kHeads + current.head;
+      char* target = pool + static_cast<long long>(token_slots[current.seq * T + t]) * kHeads * kHeadBytes +
+                     slice_offset(current);
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        uint4 piece = rows[i];
+        piece.x ^= mixed;
+        uint4* address = reinterpret_cast<uint4*>(target + (i * kThreads + threadIdx.x) * 16);
+        if constexpr (STORE == kStreaming) {
+          __stcs(address, piece);
+        } else {
+          *address = piece;
+        }
+      }
+      if (warp == 0 && lane < kValueWords) in.out[token * 32 + current.slice * kValueWords + lane] = make_uint2(mixed, t);
+    }
+    if (following >= units) break;
+    if constexpr (PREFETCH) {
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) rows[i] = next_rows[i * kThreads + threadIdx.x];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) words[i] = next_words[i];
+    } else {
+      load_rows(next, rows);
+      load_inputs(next, words);
+    }
+    current = next;
+  }
+}
+
+// Dynamic shared memory a CTA that leaves room for at most `ctas` CTAs an SM (the H100's 228 KB an SM, 1 KB of it
+// reserved a CTA), as long as registers allow that many.
+int smem_for(int ctas) { return 233472 / ctas - 1024 - 256; }
+
 struct Bench {
   cudaStream_t stream;
   cudaEvent_t start, stop;
@@ -93,6 +208,7 @@ struct Bench {
   std::vector<char*> pools;
   std::vector<StepInputs> inputs;
   int *read_slot, *token_slots, *read_slot_ordered, *token_slots_ordered;
+  int* claimed;  // the dynamic persistent movers' counters (units claimed, CTAs done), two a pool, zeroed
 
   // µs a launch: a graph of kPools launches, one per pool and its inputs (bench_decode.py's step graph)
   template <class Launch>
@@ -146,11 +262,25 @@ struct Bench {
       kernel<<<dim3(CTAS, kHeads, N), THREADS, dynamic_smem, stream>>>(pools[p], reads, tokens, inputs[p]);
     });
   }
-};
 
-// Dynamic shared memory a CTA that leaves room for at most `ctas` CTAs an SM (the H100's 228 KB an SM, 1 KB of it
-// reserved a CTA), as long as registers allow that many.
-int smem_for(int ctas) { return 233472 / ctas - 1024 - 256; }
+  // The persistent movers: `per_sm` CTAs an SM (held there with dynamic shared memory); balanced: as many CTAs as
+  // give each the same count of units (the last one fewer), not the full grid; dynamic: the full grid, each CTA
+  // claiming its next unit from a counter.
+  template <int ELEM, int CTAS, int T, int STORE, bool PREFETCH, int THREADS = 128>
+  double run_persistent(int N, int per_sm, bool balanced, bool dynamic = false) {
+    auto kernel = move_step_persistent<ELEM, CTAS, T, STORE, THREADS, PREFETCH>;
+    const int smem = smem_for(per_sm);
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const int units = N * kHeads * CTAS, places = std::min(units, sms * per_sm);
+    const int per_cta = (units + places - 1) / places;
+    const int grid = balanced ? (units + per_cta - 1) / per_cta : places;
+    return time_step([&](int p) {
+      kernel<<<grid, THREADS, smem, stream>>>(pools[p], read_slot, token_slots, inputs[p], units,
+                                             dynamic ? claimed + 2 * p : nullptr);
+    });
+  }
+  int sms;
+};
 
 double copy_bandwidth(Bench& b) {  // bytes read + written a second by a 1 GiB device-to-device copy
   const size_t bytes = size_t{1} << 30;
@@ -215,11 +345,33 @@ void occupancy_row(Bench& b, int N, double bandwidth) {
   std::printf("\n");
 }
 
+// The third table (benchmarks/NOTES.md, round 33): persistent grids (2 CTAs a head and 6 an SM unless named;
+// "persistent" alone is the balanced grid), against the one-CTA-a-unit mover at the same residency.
+template <int ELEM, int T>
+void persistent_row(Bench& b, int N, double bandwidth) {
+  b.set_slots(N, T);
+  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
+  constexpr int kStore = T == 1 ? kPlain : kStreaming;
+  const double cells[] = {
+      b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(6)),
+      b.run_persistent<ELEM, 2, T, kStore, false>(N, 6, true),
+      b.run_persistent<ELEM, 2, T, kStore, true>(N, 6, false),
+      b.run_persistent<ELEM, 2, T, kStore, true>(N, 6, true),
+      b.run_persistent<ELEM, 2, T, kStore, true>(N, 6, false, true),
+      b.run_persistent<ELEM, 2, T, kStore, true>(N, 4, true),
+      b.run_persistent<ELEM, 1, T, kStore, true, 256>(N, 3, true),
+  };
+  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
+  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
+  std::printf("\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Bench b;
   CHECK(cudaStreamCreate(&b.stream));
+  CHECK(cudaDeviceGetAttribute(&b.sms, cudaDevAttrMultiProcessorCount, 0));
   CHECK(cudaEventCreate(&b.start));
   CHECK(cudaEventCreate(&b.stop));
   CHECK(cudaMalloc(&b.flush, 64 << 20));
@@ -242,6 +394,8 @@ int main(int argc, char** argv) {
   for (int** slots : {&b.read_slot, &b.token_slots, &b.read_slot_ordered, &b.token_slots_ordered}) {
     CHECK(cudaMalloc(slots, 4 * kMaxTokens));
   }
+  CHECK(cudaMalloc(&b.claimed, 2 * sizeof(int) * kPools));
+  CHECK(cudaMemset(b.claimed, 0, 2 * sizeof(int) * kPools));
   const double measured = copy_bandwidth(b);
   const double bandwidth = argc > 1 ? std::atof(argv[1]) * 1e12 : measured;
   std::printf("copy bandwidth: 1 GiB cudaMemcpyAsync %.3f TB/s; floor from %.3f TB/s\n\n", measured / 1e12,
@@ -263,6 +417,11 @@ int main(int argc, char** argv) {
   occupancy_row<2, 1>(b, 128, bandwidth);
   occupancy_row<2, 1>(b, 256, bandwidth);
   occupancy_row<2, 4>(b, 64, bandwidth);
+  std::printf("\n| case | floor µs | 1 a unit, 2 a head, 6 an SM | persistent, no prefetch | persistent, prefetch, "
+              "full grid | persistent, prefetch | persistent, prefetch, dynamic | persistent, prefetch, 4 an SM | persistent, prefetch, 1 a head, 256 "
+              "threads, 3 an SM |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  persistent_row<2, 1>(b, 128, bandwidth);
+  persistent_row<2, 4>(b, 64, bandwidth);
   CHECK(cudaGetLastError());
   return 0;
 }
