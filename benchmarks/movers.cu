@@ -5,14 +5,15 @@
 // CTAs of 128 threads (or 256) a (sequence, head), 16-byte loads and stores; optionally with the step's inputs (q, k,
 // g and v read, out written, [N, T, H, 128] bf16, as the decode kernel reads them: each CTA its head's q, k, g and its
 // rows' values). Timed as bench_decode.py's step graph: 8 launches on 8 pools in a CUDA graph, the L2 flushed
-// before each replay, the median of 30 replays, µs a launch. Two tables: the store kinds, CTAs a head and slot
+// before each replay, the median of 30 replays, µs a launch. Three tables: the store kinds, CTAs a head and slot
 // orders; then, with the step's inputs and our kernels' store kinds, the CTAs an SM held down with dynamic shared
-// memory to what our kernels' registers and shared memory allow (benchmarks/NOTES.md, round 32).
+// memory to what our kernels' registers and shared memory allow (benchmarks/NOTES.md, round 32); then persistent
+// grids at those residencies (round 33).
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/movers benchmarks/movers.cu && /tmp/movers [copy bandwidth in TB/s]
 //
 // The floor is the state bytes over the bandwidth given (bench_decode.py prints its own, from torch's copy), or
-// over a 1 GiB cudaMemcpyAsync's measured here. Prints a markdown table; not part of the package or its tests.
+// over a 1 GiB cudaMemcpyAsync's measured here. Prints markdown tables; not part of the package or its tests.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -303,11 +304,18 @@ double copy_bandwidth(Bench& b) {  // bytes read + written a second by a 1 GiB d
   return 2.0 * bytes / (times[times.size() / 2] * 1e-3);
 }
 
+// One row of a table: the case, its floor (the state bytes over `bandwidth`), each cell's µs and its ratio to the floor.
+void print_row(int elem, int N, int T, double bandwidth, const std::vector<double>& cells) {
+  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * elem / bandwidth * 1e6;
+  std::printf("| %s N=%d T=%d | %.1f |", elem == 2 ? "bf16" : "fp32", N, T, floor_us);
+  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
+  std::printf("\n");
+}
+
 template <int ELEM, int T>
 void row(Bench& b, int N, double bandwidth) {
   b.set_slots(N, T);
-  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
-  const double cells[] = {
+  const std::vector<double> cells = {
       b.run<ELEM, 2, T, kStreaming, false>(N),
       b.run<ELEM, 2, T, kStreaming, true>(N),
       b.run<ELEM, 2, T, kPlain, true>(N),
@@ -316,9 +324,7 @@ void row(Bench& b, int N, double bandwidth) {
       b.run<ELEM, 1, T, kStreaming, true>(N),
       b.run<ELEM, 2, T, kStreaming, true>(N, true),
   };
-  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
-  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
-  std::printf("\n");
+  print_row(ELEM, N, T, bandwidth, cells);
 }
 
 // The second table: stores as our kernels store (final states plain, verify's per-token states streaming), with the
@@ -329,9 +335,8 @@ void row(Bench& b, int N, double bandwidth) {
 template <int ELEM, int T>
 void occupancy_row(Bench& b, int N, double bandwidth) {
   b.set_slots(N, T);
-  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
   constexpr int kStore = T == 1 ? kPlain : kStreaming;
-  const double cells[] = {
+  const std::vector<double> cells = {
       b.run<ELEM, 2, T, kStore, true>(N),
       b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(5)),
       b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(6)),
@@ -340,9 +345,7 @@ void occupancy_row(Bench& b, int N, double bandwidth) {
       b.run<ELEM, 1, T, kStore, true, 256>(N),
       b.run<ELEM, 1, T, kStore, true, 256>(N, false, smem_for(3)),
   };
-  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
-  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
-  std::printf("\n");
+  print_row(ELEM, N, T, bandwidth, cells);
 }
 
 // The third table (benchmarks/NOTES.md, round 33): persistent grids (2 CTAs a head and 6 an SM unless named;
@@ -350,9 +353,8 @@ void occupancy_row(Bench& b, int N, double bandwidth) {
 template <int ELEM, int T>
 void persistent_row(Bench& b, int N, double bandwidth) {
   b.set_slots(N, T);
-  const double floor_us = (T == 1 ? 2.0 : 1.0 + T) * N * kHeads * kStateElems * ELEM / bandwidth * 1e6;
   constexpr int kStore = T == 1 ? kPlain : kStreaming;
-  const double cells[] = {
+  const std::vector<double> cells = {
       b.run<ELEM, 2, T, kStore, true>(N, false, smem_for(6)),
       b.run_persistent<ELEM, 2, T, kStore, false>(N, 6, true),
       b.run_persistent<ELEM, 2, T, kStore, true>(N, 6, false),
@@ -361,9 +363,7 @@ void persistent_row(Bench& b, int N, double bandwidth) {
       b.run_persistent<ELEM, 2, T, kStore, true>(N, 4, true),
       b.run_persistent<ELEM, 1, T, kStore, true, 256>(N, 3, true),
   };
-  std::printf("| %s N=%d T=%d | %.1f |", ELEM == 2 ? "bf16" : "fp32", N, T, floor_us);
-  for (double us : cells) std::printf(" %.1f (%.3f) |", us, us / floor_us);
-  std::printf("\n");
+  print_row(ELEM, N, T, bandwidth, cells);
 }
 
 }  // namespace

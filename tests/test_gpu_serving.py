@@ -39,6 +39,26 @@ def call(inp, out, **kw):
                          inp["dt_bias"], LOWER_BOUND, **kw)
 
 
+def assert_other_slots_unchanged(storage, before, indices):
+    """Every slot of ``storage`` that ``indices`` does not address is bitwise what it was."""
+    untouched = torch.ones(storage.shape[0], dtype=torch.bool, device="cuda")
+    untouched[indices.long()] = False
+    assert torch.equal(storage[untouched], before[untouched])
+
+
+def step_in_place_and_check(inp, cu, storage, pool, indices, max_seqlen):
+    """One call of the sequences of ``cu`` through slots ``indices`` of ``pool`` (inside ``storage``), in
+    place: outputs and the addressed states against the recurrence, every other slot bitwise unchanged."""
+    before = storage.clone()
+    out = torch.full_like(inp["v"], float("nan"))
+    call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=max_seqlen)
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(inp, before[:, :pool[0].numel()].view(pool.shape)[indices].clone(), cu)
+    assert torch.isfinite(out).all() and rel_rms(out, ref_out) <= TOL
+    assert rel_rms(pool[indices], ref_state) <= TOL
+    assert_other_slots_unchanged(storage, before, indices)
+
+
 def reference(inp, initial, cu=None, token_states=None):
     return kda_reference(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], 128 ** -0.5, inp["A_log"],
                          inp["dt_bias"], LOWER_BOUND, initial_state=initial, cu_seqlens=cu, token_states=token_states)
@@ -87,9 +107,7 @@ def test_pools_with_padded_slots_and_mixed_initial_states(dtype_in, dtype_out, i
     assert rel_rms(out, ref_out) <= TOL
     written = pool_out[indices.long()]
     assert torch.isfinite(written).all() and rel_rms(written, ref_state) <= TOL
-    untouched = torch.ones(storage_out.shape[0], dtype=torch.bool, device="cuda")
-    untouched[indices.long()] = False
-    assert torch.equal(storage_out[untouched], before_out[untouched])            # other slots bitwise unchanged
+    assert_other_slots_unchanged(storage_out, before_out, indices)
     assert torch.equal(storage_out[:, H * VK:], before_out[:, H * VK:])          # the padding too
     if not inplace:
         assert torch.equal(storage_in, before_in)                                # the input pool is only read
@@ -152,17 +170,7 @@ def test_a_wrong_max_seqlen_hint_changes_only_the_speed(dtype):
     lens = [1, 5, 0, 9, 2]
     inp, cu = varlen_inputs(lens, H, seed=60)
     storage, pool = make_pool(slots, H, DT[dtype], pad=8, seed=61)
-    before = storage.clone()
-    indices = torch.tensor([3, 0, 7, 5, 1], device="cuda")
-    out = torch.full_like(inp["v"], float("nan"))
-    call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=1)
-    torch.cuda.synchronize()
-    ref_out, ref_state = reference(inp, before[:, :H * VK].view(slots, H, 128, 128)[indices].clone(), cu)
-    assert torch.isfinite(out).all() and rel_rms(out, ref_out) <= TOL
-    assert rel_rms(pool[indices], ref_state) <= TOL
-    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
-    untouched[indices] = False
-    assert torch.equal(storage[untouched], before[untouched])
+    step_in_place_and_check(inp, cu, storage, pool, torch.tensor([3, 0, 7, 5, 1], device="cuda"), max_seqlen=1)
 
 
 # ------------------------------------------------------------------ speculative verify: per-token states
@@ -420,17 +428,8 @@ def test_one_token_decode_of_a_large_batch(N, dtype):
     inp = make_inputs(1, N, H, seed=300 + N)
     cu = torch.arange(N + 1, device="cuda", dtype=torch.int32)
     storage, pool = make_pool(slots, H, DT[dtype], seed=301)
-    before = storage.clone()
     indices = torch.randperm(slots, generator=torch.Generator().manual_seed(302))[:N].to("cuda", torch.int64)
-    out = torch.full_like(inp["v"], float("nan"))
-    call(inp, out, initial_state=pool, final_state=pool, cu_seqlens=cu, state_indices=indices, max_seqlen=1)
-    torch.cuda.synchronize()
-    ref_out, ref_state = reference(inp, before.view(slots, H, 128, 128)[indices].clone(), cu)
-    assert torch.isfinite(out).all() and rel_rms(out, ref_out) <= TOL
-    assert rel_rms(pool[indices], ref_state) <= TOL
-    untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
-    untouched[indices] = False
-    assert torch.equal(storage[untouched], before[untouched])
+    step_in_place_and_check(inp, cu, storage, pool, indices, max_seqlen=1)
 
 
 @pytest.mark.usefixtures("decode_ctas")
