@@ -41,6 +41,10 @@ _streams: dict[int, object] = {}
 _launchers: dict[tuple, tuple[LoadedKernel, int]] = {}
 _local = threading.local()
 _is_compiling = torch.compiler.is_compiling
+# The custom op's namespace (torch_ops.py): "flash_kda", or the vendored package's dotted name with "_" for "."
+# (e.g. "vllm_third_party_flash_kda"), so that a vendored copy and an installed flash_kda in one process each trace
+# to their own op (one name registered twice runs the copy imported last for both).
+OP_NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +260,7 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     V-slice width of the chunked kernel (a tuning knob: 32, 64 or 128; the softplus gate and
     lower_bound < -5 run 128 as 64); ``workspace`` is accepted
     for callers that preallocate (``workspace_size`` is 0). Under ``torch.compile`` the call goes
-    through the ``flash_kda::fwd`` custom op.
+    through the ``flash_kda::fwd`` custom op (``OP_NAMESPACE::fwd`` in a vendored copy).
 
     This is the per-call hot path (a few microseconds of host time is the budget): one pass of
     cheap checks, one cached launcher lookup, one ``struct.pack_into`` of the parameters (and one
@@ -267,11 +271,11 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         # A mutated Optional argument that is None breaks torch.compile's fake-tensor call in torch 2.11:
         # an empty 1-D tensor stands for it (torch_ops.py maps it back to None).
         absent = out.new_empty(0)
-        torch.ops.flash_kda.fwd(q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound,
-                                initial_state, absent if final_state is None else final_state, cu_seqlens,
-                                state_indices, has_initial_state, num_accepted_tokens, max_seqlen, checkpoint_offsets,
-                                absent if checkpoint_state is None else checkpoint_state, check_cu_seqlens,
-                                check_indices, v_block)
+        getattr(torch.ops, OP_NAMESPACE).fwd(
+            q, k, v, g, beta, checks.check_scale(scale), out, A_log, dt_bias, lower_bound, initial_state,
+            absent if final_state is None else final_state, cu_seqlens, state_indices, has_initial_state,
+            num_accepted_tokens, max_seqlen, checkpoint_offsets, absent if checkpoint_state is None else checkpoint_state,
+            check_cu_seqlens, check_indices, v_block)
         return out
     serving = None
     if not (state_indices is None and has_initial_state is None and checkpoint_offsets is None

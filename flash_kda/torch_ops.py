@@ -1,4 +1,7 @@
 """``flash_kda::fwd`` as a torch.library custom op, so torch.compile traces it without graph breaks.
+A copy an engine vendors under another name registers ``<its name, "." as "_">::fwd`` instead
+(``api.OP_NAMESPACE``): a second registration of one name silently replaces the first, and the
+compiled calls of both copies would run the copy imported last.
 
 The op mutates ``out``, ``final_state`` and ``checkpoint_state`` and returns nothing; its fake
 implementation has nothing to compute. ``fwd`` passes an empty 1-D tensor for a mutated argument
@@ -13,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from .api import fwd
+from .api import OP_NAMESPACE, fwd
 
 
-@torch.library.custom_op("flash_kda::fwd", mutates_args=("out", "final_state", "checkpoint_state"))
+@torch.library.custom_op(f"{OP_NAMESPACE}::fwd", mutates_args=("out", "final_state", "checkpoint_state"))
 def fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
            out: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
            lower_bound: Optional[float], initial_state: Optional[torch.Tensor], final_state: Optional[torch.Tensor],

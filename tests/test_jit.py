@@ -96,15 +96,30 @@ def test_key_covers_template_bytes_spec_and_compiler(monkeypatch):
         cache_mod._environment_fingerprint.cache_clear()
 
 
-def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
-    """An engine that vendors the package under another name (vLLM keeps FLA's kernels in its own tree) hashes
-    and compiles that copy's templates, not those of the flash_kda installed beside it (another version's
-    parameter layout would be read wrong)."""
+def vendor_a_copy(tmp_path: Path) -> tuple[Path, dict]:
+    """This package copied to ``tmp_path/engine/third_party/kda`` (as an engine would vendor it), and the
+    environment of a process that can import it beside the installed flash_kda."""
     import shutil
     vendored = tmp_path / "engine" / "third_party" / "kda"
     shutil.copytree(Path(cache_mod.__file__).parents[1], vendored, ignore=shutil.ignore_patterns("__pycache__"))
     for package in (vendored.parent, vendored.parent.parent):
         (package / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return vendored, env
+
+
+def run_probe(probe: str, env: dict, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
+    """An engine that vendors the package under another name (vLLM keeps FLA's kernels in its own tree) hashes
+    and compiles that copy's templates, not those of the flash_kda installed beside it (another version's
+    parameter layout would be read wrong)."""
+    vendored, env = vendor_a_copy(tmp_path)
     marker = "// the vendored copy\n"
     decode = vendored / "templates" / "kda_decode.cuh"
     decode.write_text(marker + decode.read_text())
@@ -112,11 +127,35 @@ def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
              "from engine.third_party.kda.jit import spec\n"
              "assert importlib.util.find_spec('flash_kda') is not None  # the installed one is there too\n"
              "print(spec.template_sources()['kda_decode.cuh'].startswith(sys.argv[1]))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", probe, marker], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True"
+    assert run_probe(probe, env, marker) == "True"
+
+
+def test_a_vendored_copy_and_the_installed_package_share_a_process(tmp_path):
+    """Each registers its own custom op and torch.compile traces each copy's fwd to it: with one name for
+    both, the copy imported last replaced the other's op, and the installed flash_kda's compiled calls ran
+    the vendored copy's code (fails before the namespace came from the package's name)."""
+    _, env = vendor_a_copy(tmp_path)
+    probe = ("import torch, flash_kda\n"
+             "import engine.third_party.kda as vendored\n"
+             "def traced(fwd):\n"
+             "    x = torch.zeros(1, 16, 1, 128, dtype=torch.bfloat16)\n"
+             "    beta, a_log, dt_bias = torch.zeros(1, 16, 1, dtype=torch.bfloat16), torch.zeros(1), torch.zeros(128)\n"
+             "    ops = []\n"
+             "    def backend(gm, example_inputs):\n"
+             "        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')\n"
+             "        return gm.forward\n"
+             "    def step(x, beta):\n"
+             "        fwd(x, x, x, x, beta, 0.1, x, a_log, dt_bias, -5.0, None, None, None)\n"
+             "    try:  # traced, then run on the CPU: the op's implementation refuses CPU tensors\n"
+             "        torch.compile(step, fullgraph=True, backend=backend)(x, beta)\n"
+             "    except ValueError as exc:\n"
+             "        assert 'must be a CUDA tensor' in str(exc), exc\n"
+             "    return ops\n"
+             "print(vendored.api.OP_NAMESPACE, torch.ops.engine_third_party_kda.fwd.default._schema.name)\n"
+             "print(traced(flash_kda.fwd), traced(vendored.fwd))\n")
+    assert run_probe(probe, env).splitlines() == [
+        "engine_third_party_kda engine_third_party_kda::fwd",
+        "['flash_kda.fwd'] ['engine_third_party_kda.fwd']"]
 
 
 def test_disable_jit_turns_a_miss_into_an_error(tmp_path, monkeypatch):
