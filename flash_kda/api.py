@@ -21,7 +21,7 @@ from .jit.arch import ARCHS, VARIANTS, arch_for_capability
 from .jit.params import (CHECKPOINT_OFFSET, FEATURE_CHECKPOINTS, FEATURE_PER_TOKEN, FEATURE_POOL, FEATURE_STRIDED,
                          POOL_OFFSET, STRIDES_OFFSET, ParamBlock, pack, pack_checkpoints, pack_pool, pack_strides)
 from .jit.runtime import LoadedKernel
-from .jit.spec import (HEAD_DIM, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind, v_blocks_for,
+from .jit.spec import (HEAD_DIM, PACKAGE, V_BLOCKS, AnySpec, DecodeSpec, KernelSpec, gate_kind, v_blocks_for,
                        spec_state_dtypes)
 
 # Sequences of at most this many tokens run the token-by-token kernel (fixed layout: T; varlen: the
@@ -44,7 +44,7 @@ _is_compiling = torch.compiler.is_compiling
 # The custom op's namespace (torch_ops.py): "flash_kda", or the vendored package's dotted name with "_" for "."
 # (e.g. "vllm_third_party_flash_kda"), so that a vendored copy and an installed flash_kda in one process each trace
 # to their own op (one name registered twice runs the copy imported last for both).
-OP_NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
+OP_NAMESPACE = PACKAGE.replace(".", "_")
 
 
 @functools.lru_cache(maxsize=None)

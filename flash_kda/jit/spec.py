@@ -306,13 +306,14 @@ def spec_from_dict(data: dict) -> AnySpec:
 
 
 # this package's own name, "flash_kda" or wherever an engine vendored it (e.g. "vllm.third_party.flash_kda"): the
-# templates compiled and hashed are always this copy's, never another installed flash_kda's
-_PACKAGE = __name__.rpartition(".jit.")[0]
+# templates compiled and hashed are always this copy's, never another installed flash_kda's, and its custom op is
+# its own (api.OP_NAMESPACE)
+PACKAGE = __name__.rpartition(".jit.")[0]
 
 
 def template_sources() -> dict[str, str]:
     """Every template file shipped in the package, by include name."""
-    root = resources.files(_PACKAGE) / "templates"
+    root = resources.files(PACKAGE) / "templates"
     return {entry.name: entry.read_text() for entry in sorted(root.iterdir(), key=lambda e: e.name)
             if entry.name.endswith((".cuh", ".h"))}
 
