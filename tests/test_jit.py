@@ -109,6 +109,7 @@ def vendor_a_copy(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def run_probe(probe: str, env: dict, *args: str) -> str:
+    """``probe`` run by a fresh interpreter with ``env`` and ``args``: its stdout (it must exit 0)."""
     result = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
