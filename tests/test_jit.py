@@ -21,6 +21,8 @@ from flash_kda.jit.compiler import NVRTCCompiler
 from flash_kda.jit.spec import KERNEL_NAME, DecodeSpec
 
 from cache_helpers import FakeCompiler as CountingCompiler
+from cache_helpers import env as helper_env
+from cache_helpers import python
 
 ALL_SPECS = list(all_specs(ALL_TARGETS))
 SMALL = KernelSpec(state_in="fp32", state_out="fp32", v_block=64)
@@ -96,22 +98,20 @@ def test_key_covers_template_bytes_spec_and_compiler(monkeypatch):
         cache_mod._environment_fingerprint.cache_clear()
 
 
-def vendor_a_copy(tmp_path: Path) -> tuple[Path, dict]:
+def vendor_a_copy(tmp_path: Path) -> tuple[Path, str]:
     """This package copied to ``tmp_path/engine/third_party/kda`` (as an engine would vendor it), and the
-    environment of a process that can import it beside the installed flash_kda."""
+    PYTHONPATH of a process that can import it beside the installed flash_kda."""
     import shutil
     vendored = tmp_path / "engine" / "third_party" / "kda"
     shutil.copytree(Path(cache_mod.__file__).parents[1], vendored, ignore=shutil.ignore_patterns("__pycache__"))
     for package in (vendored.parent, vendored.parent.parent):
         (package / "__init__.py").write_text("")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    return vendored, env
+    return vendored, str(tmp_path) + os.pathsep + helper_env()["PYTHONPATH"]
 
 
-def run_probe(probe: str, env: dict, *args: str) -> str:
-    """``probe`` run by a fresh interpreter with ``env`` and ``args``: its stdout (it must exit 0)."""
-    result = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True,
-                            timeout=120)
+def probe_output(probe: str, pythonpath: str, *args: str) -> str:
+    """``probe``'s stdout in a fresh interpreter (cache_helpers.python) that can import the vendored copy."""
+    result = python(probe, *args, timeout=120, PYTHONPATH=pythonpath)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -120,7 +120,7 @@ def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
     """An engine that vendors the package under another name (vLLM keeps FLA's kernels in its own tree) hashes
     and compiles that copy's templates, not those of the flash_kda installed beside it (another version's
     parameter layout would be read wrong)."""
-    vendored, env = vendor_a_copy(tmp_path)
+    vendored, pythonpath = vendor_a_copy(tmp_path)
     marker = "// the vendored copy\n"
     decode = vendored / "templates" / "kda_decode.cuh"
     decode.write_text(marker + decode.read_text())
@@ -128,14 +128,14 @@ def test_a_vendored_copy_compiles_its_own_templates(tmp_path):
              "from engine.third_party.kda.jit import spec\n"
              "assert importlib.util.find_spec('flash_kda') is not None  # the installed one is there too\n"
              "print(spec.template_sources()['kda_decode.cuh'].startswith(sys.argv[1]))\n")
-    assert run_probe(probe, env, marker) == "True"
+    assert probe_output(probe, pythonpath, marker) == "True"
 
 
 def test_a_vendored_copy_and_the_installed_package_share_a_process(tmp_path):
     """Each registers its own custom op and torch.compile traces each copy's fwd to it: with one name for
     both, the copy imported last replaced the other's op, and the installed flash_kda's compiled calls ran
     the vendored copy's code (fails before the namespace came from the package's name)."""
-    _, env = vendor_a_copy(tmp_path)
+    _, pythonpath = vendor_a_copy(tmp_path)
     probe = ("import torch, flash_kda\n"
              "import engine.third_party.kda as vendored\n"
              "def traced(fwd):\n"
@@ -154,7 +154,7 @@ def test_a_vendored_copy_and_the_installed_package_share_a_process(tmp_path):
              "    return ops\n"
              "print(vendored.api.OP_NAMESPACE, torch.ops.engine_third_party_kda.fwd.default._schema.name)\n"
              "print(traced(flash_kda.fwd), traced(vendored.fwd))\n")
-    assert run_probe(probe, env).splitlines() == [
+    assert probe_output(probe, pythonpath).splitlines() == [
         "engine_third_party_kda engine_third_party_kda::fwd",
         "['flash_kda.fwd'] ['engine_third_party_kda.fwd']"]
 
